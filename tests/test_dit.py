@@ -1,0 +1,165 @@
+"""The DiT against diffusers' independent implementation, and the official 14B key set."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+
+from helpers import dit_inputs, tiny_dit
+from model.checkpoint import to_diffusers_dit
+from model.config import TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch
+from model.dit import WanModel, apply_rope, rope_freqs, rope_table
+
+TOL = 1e-5
+
+
+def diffusers_reference(model: WanModel) -> WanTransformer3DModel:
+    cfg = {k: v for k, v in model.arch.to_diffusers_config().items() if not k.startswith("_") and k != "text_len"}
+    ref = WanTransformer3DModel(**cfg).eval()
+    missing, unexpected = ref.load_state_dict(to_diffusers_dit(model.state_dict()), strict=True)
+    assert not missing and not unexpected
+    return ref
+
+
+@pytest.mark.parametrize("arch", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
+def test_forward_equals_diffusers(arch):
+    model = tiny_dit(arch)
+    ref = diffusers_reference(model)
+    kw = dit_inputs(arch)
+    ctx = F.pad(kw["context"], (0, 0, 0, arch.text_len - kw["context"].shape[1]))  # diffusers takes padded text
+    with torch.no_grad():
+        ours = model(**kw)
+        hidden = torch.cat([kw["x"], kw["y"]], 1) if arch.is_i2v else kw["x"]
+        theirs = ref(hidden, kw["t"], ctx, encoder_hidden_states_image=kw.get("clip_fea"), return_dict=False)[0]
+    assert ours.shape == kw["x"].shape
+    diff = (ours - theirs).abs().max().item()
+    print(f"{arch.model_type}: max |ours - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
+    assert diff <= TOL
+
+
+def test_per_frame_timesteps_equal_uniform():
+    """t [B, F] with equal entries is the same model call as t [B] (the CausVid path uses [B, F])."""
+    model = tiny_dit(TINY_T2V)
+    kw = dit_inputs(TINY_T2V)
+    with torch.no_grad():
+        a = model(**kw)
+        kw2 = dict(kw, t=kw["t"][:, None].expand(-1, kw["x"].shape[2]).contiguous())
+        b = model(**kw2)
+    assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_per_frame_timesteps_condition_each_frame():
+    """A different t on frame 0 changes the output (frames attend to each other, so all frames move)."""
+    model = tiny_dit(TINY_T2V)
+    kw = dit_inputs(TINY_T2V, batch=1)
+    t = torch.full((1, 3), 500.0)
+    with torch.no_grad():
+        a = model(**dict(kw, t=t))
+        t2 = t.clone()
+        t2[0, 0] = 0.0
+        b = model(**dict(kw, t=t2))
+    assert (a - b).abs().amax(dim=(0, 1, 3, 4))[0] > 1e-3
+
+
+def test_rope_matches_reference_formula():
+    """Channel pair j of a head rotates by the documented angle: time, height, width bands of 22/21/21 (d=128)."""
+    d = 128
+    tables = rope_table(d)
+    grid = (3, 4, 5)
+    freqs = rope_freqs(tables, grid, frame_offset=2)
+    f_i, h_i, w_i = 1, 2, 3
+    tok = (f_i * grid[1] + h_i) * grid[2] + w_i
+    for j in (0, 21, 22, 42, 43, 63):
+        if j < 22:
+            angle = (f_i + 2) * 10000 ** (-2 * j / 44)
+        elif j < 43:
+            angle = h_i * 10000 ** (-2 * (j - 22) / 42)
+        else:
+            angle = w_i * 10000 ** (-2 * (j - 43) / 42)
+        assert math.isclose(torch.angle(freqs[tok, j]).item(), math.remainder(angle, 2 * math.pi), abs_tol=1e-9)
+    x = torch.randn(1, freqs.shape[0], 2, d, dtype=torch.float64)
+    y = apply_rope(x, freqs)
+    a, b = x[0, tok, 0, 2 * 5], x[0, tok, 0, 2 * 5 + 1]
+    c, s = freqs[tok, 5].real, freqs[tok, 5].imag
+    assert torch.allclose(y[0, tok, 0, 10], a * c - b * s) and torch.allclose(y[0, tok, 0, 11], a * s + b * c)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_dit(TINY_T2V)
+    kw = dit_inputs(TINY_T2V)
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        model(**dict(kw, x=torch.randn(2, 4, 3, 9, 12)))
+    with pytest.raises(ValueError, match=r"\[B, 4, F, H, W\]"):
+        model(**dict(kw, x=torch.randn(2, 5, 3, 8, 12)))
+    with pytest.raises(ValueError, match="context must be"):
+        model(**dict(kw, context=torch.randn(2, 17, 32)))
+    i2v = tiny_dit(TINY_I2V)
+    kw = dit_inputs(TINY_I2V)
+    with pytest.raises(ValueError, match="needs y"):
+        i2v(**dict(kw, y=None))
+
+
+# --- the official 14B / 1.3B layout, built on the meta device ----------------------------------------
+def documented_keys(arch: DiTArch) -> dict[str, tuple[int, ...]]:
+    """Key -> shape as listed in the Wan2.1 release (shared/reference/wan_xdit.md §1.2), written out by hand."""
+    d, f = arch.dim, arch.ffn_dim
+    keys = {
+        "patch_embedding.weight": (d, arch.in_dim, 1, 2, 2), "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, 4096), "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, 256), "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
+        "head.modulation": (1, 2, d), "head.head.weight": (64, d), "head.head.bias": (64,),
+    }
+    for n in range(arch.num_layers):
+        b = f"blocks.{n}."
+        keys[b + "modulation"] = (1, 6, d)
+        for attn in ("self_attn", "cross_attn"):
+            for p in "qkvo":
+                keys[f"{b}{attn}.{p}.weight"] = (d, d)
+                keys[f"{b}{attn}.{p}.bias"] = (d,)
+            keys[f"{b}{attn}.norm_q.weight"] = (d,)
+            keys[f"{b}{attn}.norm_k.weight"] = (d,)
+        keys[b + "norm3.weight"] = (d,)
+        keys[b + "norm3.bias"] = (d,)
+        keys[b + "ffn.0.weight"], keys[b + "ffn.0.bias"] = (f, d), (f,)
+        keys[b + "ffn.2.weight"], keys[b + "ffn.2.bias"] = (d, f), (d,)
+        if arch.is_i2v:
+            for p in ("k_img", "v_img"):
+                keys[f"{b}cross_attn.{p}.weight"] = (d, d)
+                keys[f"{b}cross_attn.{p}.bias"] = (d,)
+            keys[b + "cross_attn.norm_k_img.weight"] = (d,)
+    if arch.is_i2v:
+        keys.update({
+            "img_emb.proj.0.weight": (1280,), "img_emb.proj.0.bias": (1280,),
+            "img_emb.proj.1.weight": (1280, 1280), "img_emb.proj.1.bias": (1280,),
+            "img_emb.proj.3.weight": (d, 1280), "img_emb.proj.3.bias": (d,),
+            "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,),
+        })
+    return keys
+
+
+@pytest.mark.parametrize("name,arch,billions", [
+    ("T2V-14B", WAN21_T2V_14B, 14.289), ("I2V-14B", WAN21_I2V_14B, 16.395), ("T2V-1.3B", WAN21_T2V_1_3B, 1.419),
+])
+def test_release_architectures_on_meta(name, arch, billions):
+    with torch.device("meta"):
+        model = WanModel(arch)
+    sd = model.state_dict()
+    expected = documented_keys(arch)
+    assert set(sd) == set(expected), (sorted(set(sd) ^ set(expected)))[:10]
+    for k, shape in expected.items():
+        assert tuple(sd[k].shape) == shape, k
+    per_block = sum(1 for k in sd if k.startswith("blocks.0."))
+    count = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {len(sd)} tensors ({per_block} per block), {count:,} parameters")
+    assert per_block == (32 if arch.is_i2v else 27)
+    assert abs(count / 1e9 - billions) < 1e-3  # the reference rounds to 3 decimals
+
+
+def test_tiny_key_counts():
+    """Upstream's tiny 2-layer models have 69 (t2v) and 87 (i2v) tensors."""
+    assert len(WanModel(TINY_T2V).state_dict()) == 69
+    assert len(WanModel(TINY_I2V).state_dict()) == 87
