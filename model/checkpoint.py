@@ -320,7 +320,12 @@ class ModelFolder:
     def component_config(self, sub: str) -> dict | None:
         """config.json of a diffusers component (text_encoder, vae, image_encoder); None if absent."""
         p = self.root / sub / "config.json"
-        return json.loads(p.read_text()) if self.diffusers and p.is_file() else None
+        if not (self.diffusers and p.is_file()):
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{p} is not valid JSON: {e}") from None
 
     def _file(self, name: str) -> Path:
         p = self.root / name

@@ -1,0 +1,280 @@
+"""Wan2.1 VAE: diffusers' `AutoencoderKLWan` plus the glue wanserve needs.
+
+Why so little code: the Wan2.1 causal 3-D VAE *is* diffusers' `AutoencoderKLWan` (same modules, same
+chunked feature-cache encode/decode as upstream `wan/modules/vae.py`), and diffusers is well kept. We add:
+
+* `vae_config`: a `VaeArch` as `AutoencoderKLWan` kwargs, refusing structures diffusers cannot express.
+* `convert_vae_official`: official `Wan2.1_VAE.pth` key names -> diffusers names. diffusers ships
+  `convert_wan_vae_to_diffusers`, but it hard-codes the decoder's flat block indices (3/7/11 are upsamplers,
+  4 has the shortcut), which is right only for num_res_blocks=2 and four stages. Ours derives the indices
+  from `num_res_blocks` in a few table-driven lines and works both ways (the inverse names missing keys in
+  official terms); the tests check it equals diffusers' function on the released config.
+* `WanVAE`: strict loading from an official or a diffusers model folder, `encode` to normalized latents
+  `(mu - mean) / std` (the posterior mean, as Wan does), `decode` back to pixels in [-1, 1], and a
+  `stream_decoder()` that keeps the causal feature cache between calls (CausVid decodes block by block).
+
+Chunking: `AutoencoderKLWan._encode` feeds the encoder the first frame, then 4-frame chunks, and `_decode`
+one latent frame at a time, each call through a per-conv feature cache: the only correct path. It is taken
+whenever tiling is off (slicing only splits the batch); both are off by default and `WanVAE` turns them off.
+Memory note: diffusers keeps that cache on the model instance, so one `WanVAE` must not encode/decode from two
+threads at once. A `StreamDecoder` keeps its own cache and may interleave with whole-video calls.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from .checkpoint import ModelFolder, StateDict, check_state_dict, load_state_dict
+from .config import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, ConfigError, VaeArch, validated
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture -> diffusers config
+# --------------------------------------------------------------------------------------------------
+def vae_config(arch: VaeArch) -> dict[str, Any]:
+    """`AutoencoderKLWan(**vae_config(arch))` is the Wan2.1 VAE `arch` describes."""
+    if arch.attn_scales:
+        raise ConfigError(f"vae attn_scales = {arch.attn_scales}: only () is supported (every Wan2.1 release; "
+                          f"diffusers' AutoencoderKLWan has no attention in its decoder up blocks)")
+    space, time = 2 ** (len(arch.dim_mult) - 1), 2 ** sum(arch.temporal_downsample)
+    if (space, time) != (VAE_SPACE_STRIDE, VAE_TIME_STRIDE):
+        raise ConfigError(
+            f"vae dim_mult = {arch.dim_mult}, temporal_downsample = {arch.temporal_downsample}: compress "
+            f"{time}x in time and {space}x in space; wanserve (and diffusers' 4-frame encode chunks) need "
+            f"{VAE_TIME_STRIDE}x and {VAE_SPACE_STRIDE}x: 4 stages, 2 of them temporal")
+    return dict(
+        base_dim=arch.base_dim,
+        z_dim=arch.z_dim,
+        dim_mult=list(arch.dim_mult),
+        num_res_blocks=arch.num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=list(arch.temporal_downsample),  # diffusers' spelling
+        dropout=0.0,
+        latents_mean=list(arch.latents_mean),
+        latents_std=list(arch.latents_std),
+    )
+
+
+# diffusers config keys that select structures other than Wan2.1's (Wan2.2's VAE), with the Wan2.1 value.
+_WAN21_ONLY = {"is_residual": False, "patch_size": None, "in_channels": 3, "out_channels": 3}
+
+
+def arch_from_diffusers_config(cfg: Mapping[str, Any]) -> VaeArch:
+    """A diffusers `vae/config.json` as a VaeArch; a Wan2.2-style VAE is refused with the keys at fault."""
+    bad = {k: cfg[k] for k, ok in _WAN21_ONLY.items() if k in cfg and cfg[k] != ok}
+    if cfg.get("decoder_base_dim") not in (None, cfg.get("base_dim", 96)):
+        bad["decoder_base_dim"] = cfg["decoder_base_dim"]
+    if bad:
+        raise ConfigError(f"vae/config.json {bad}: not a Wan2.1 VAE (expected {_WAN21_ONLY}, decoder_base_dim "
+                          f"None or base_dim)")
+    renames = {"temperal_downsample": "temporal_downsample"}
+    fields = set(VaeArch.model_fields)
+    d = {renames.get(k, k): v for k, v in cfg.items() if renames.get(k, k) in fields}
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return validated(VaeArch, d, "vae/config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Official <-> diffusers key names
+# --------------------------------------------------------------------------------------------------
+# (official, diffusers) runs of dotted name parts. Keys are `[top]` or `encoder|decoder.<stem>...`;
+# blocks in encoder.downsamples keep their flat index, decoder.upsamples are regrouped (see _decoder_block).
+_TOP = [(("conv1",), ("quant_conv",)), (("conv2",), ("post_quant_conv",))]
+_STEM = [
+    (("conv1",), ("conv_in",)),
+    (("head", "0"), ("norm_out",)),
+    (("head", "2"), ("conv_out",)),
+    (("middle", "0"), ("mid_block", "resnets", "0")),
+    (("middle", "1"), ("mid_block", "attentions", "0")),
+    (("middle", "2"), ("mid_block", "resnets", "1")),
+]
+_BLOCK = [  # inside a residual block; resample.1 / time_conv / attention names are the same in both
+    (("residual", "0"), ("norm1",)),
+    (("residual", "2"), ("conv1",)),
+    (("residual", "3"), ("norm2",)),
+    (("residual", "6"), ("conv2",)),
+    (("shortcut",), ("conv_shortcut",)),
+]
+
+
+def _swap(parts: list[str], table, to_diffusers: bool) -> list[str]:
+    """Replace the leading run of parts that matches one row of table (first match), else unchanged."""
+    for off, dif in table:
+        src, dst = (off, dif) if to_diffusers else (dif, off)
+        if tuple(parts[:len(src)]) == src:
+            return [*dst, *parts[len(src):]]
+    return parts
+
+
+def _decoder_block(parts: list[str], num_res_blocks: int, to_diffusers: bool) -> list[str]:
+    """decoder.upsamples.<flat i>  <->  decoder.up_blocks.<stage>.{resnets.<j> | upsamplers.0}.
+
+    Officially each stage is num_res_blocks+1 residual blocks then one Resample (none after the last stage),
+    all in one flat Sequential: stage = i // (num_res_blocks+2), position = i % (num_res_blocks+2).
+    """
+    per = num_res_blocks + 2
+    if to_diffusers:
+        stage, pos = divmod(int(parts[0]), per)
+        head = ["resnets", str(pos)] if pos < per - 1 else ["upsamplers", "0"]
+        return [str(stage), *head, *_swap(parts[1:], _BLOCK, True)]
+    stage, kind, pos = int(parts[0]), parts[1], int(parts[2])
+    flat = stage * per + (pos if kind == "resnets" else per - 1)
+    return [str(flat), *_swap(parts[3:], _BLOCK, False)]
+
+
+def vae_key(key: str, num_res_blocks: int = 2, to_diffusers: bool = True) -> str:
+    """One key renamed official -> diffusers (or back with to_diffusers=False)."""
+    parts = key.split(".")
+    if parts[0] not in ("encoder", "decoder"):
+        return ".".join(_swap(parts, _TOP, to_diffusers))
+    side, rest = parts[0], parts[1:]
+    flat, grouped = ("downsamples", "down_blocks") if side == "encoder" else ("upsamples", "up_blocks")
+    src, dst = (flat, grouped) if to_diffusers else (grouped, flat)
+    if rest[0] == src and side == "encoder":
+        rest = [dst, rest[1], *_swap(rest[2:], _BLOCK, to_diffusers)]
+    elif rest[0] == src:
+        rest = [dst, *_decoder_block(rest[1:], num_res_blocks, to_diffusers)]
+    else:
+        rest = _swap(rest, _STEM, to_diffusers)
+        if rest[0] == "mid_block" or rest[0] == "middle":  # the middle block's residual blocks
+            n = 3 if to_diffusers else 2
+            rest = [*rest[:n], *_swap(rest[n:], _BLOCK, to_diffusers)]
+    return ".".join([side, *rest])
+
+
+def convert_vae_official(sd: Mapping[str, torch.Tensor], num_res_blocks: int = 2) -> StateDict:
+    """Official `Wan2.1_VAE.pth` state dict -> `AutoencoderKLWan` names (tensors are not copied)."""
+    return {vae_key(k, num_res_blocks): v for k, v in sd.items()}
+
+
+def is_official_vae(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("encoder.downsamples.", "decoder.upsamples.")) or k == "conv1.weight" for k in sd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The VAE
+# --------------------------------------------------------------------------------------------------
+class WanVAE:
+    """An `AutoencoderKLWan` (eval, no grad) and its latent statistics (from its config)."""
+
+    def __init__(self, model: AutoencoderKLWan):
+        model.use_tiling = False  # tiled encode/decode is not the chunked causal path (see module docstring)
+        model.use_slicing = False
+        self.model = model.eval().requires_grad_(False)
+        p = next(model.parameters())
+        shape = (1, model.config.z_dim, 1, 1, 1)
+        self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=p.device).view(shape)
+        self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=p.device).view(shape)
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, arch: VaeArch, sd: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", source: str = "") -> "WanVAE":
+        """The VAE holding exactly sd (official or diffusers names), strict, cast to dtype.
+
+        Built on the meta device and the tensors assigned, so the weights are in memory once.
+        """
+        with torch.device("meta"):
+            model = AutoencoderKLWan(**vae_config(arch))
+        expected = model.state_dict()
+        what = f"Wan VAE (base_dim {arch.base_dim}, z_dim {arch.z_dim}, num_res_blocks {arch.num_res_blocks})"
+        if is_official_vae(sd):  # check in the file's own names, so errors name keys the user can find
+            nrb = arch.num_res_blocks
+            check_state_dict({vae_key(k, nrb, to_diffusers=False): v for k, v in expected.items()}, sd,
+                             what + " (official key names)", source)
+            sd = convert_vae_official(sd, nrb)
+        check_state_dict(expected, sd, what, source)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+        return cls(model)
+
+    @classmethod
+    def load(cls, folder: ModelFolder, arch: VaeArch | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> "WanVAE":
+        """From a model folder: official `Wan2.1_VAE.pth` (architecture: `arch`, default the release) or
+        diffusers `vae/` (architecture: `vae/config.json`, else `arch`)."""
+        cfg = folder.component_config("vae")
+        if cfg is not None:
+            arch = arch_from_diffusers_config(cfg)
+        arch = arch or VaeArch()
+        weights = folder.vae()
+        return cls.build(arch, load_state_dict(weights), dtype, device, source=str(weights))
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def z_dim(self) -> int:
+        return self.model.config.z_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- encode / decode ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] in [-1, 1] -> normalized latents [B, z, 1+(T-1)/4, H/8, W/8] (float32).
+
+        Deterministic: the posterior mean mu, as `(mu - mean) / std`.
+        """
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W] (RGB in [-1, 1]); got shape {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        if (t - 1) % VAE_TIME_STRIDE:
+            raise ValueError(f"video has T={t} frames; the causal VAE needs T = 4n+1 (1, 5, 9, ..., 81)")
+        if h % VAE_SPACE_STRIDE or w % VAE_SPACE_STRIDE:
+            raise ValueError(f"video is {h}x{w} (HxW); height and width must be multiples of {VAE_SPACE_STRIDE}")
+        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        return (posterior.mode().float() - self.mean) / self.std
+
+    def _post_quant(self, latents: torch.Tensor) -> torch.Tensor:
+        """Check, denormalize (z*std + mean), cast: what the decoder eats after post_quant_conv."""
+        if latents.dim() != 5 or latents.shape[1] != self.z_dim:
+            raise ValueError(f"latents must be [B, {self.z_dim}, F, h, w]; got shape {tuple(latents.shape)}")
+        return (latents.to(self.device, torch.float32) * self.std + self.mean).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents [B, z, F, h, w] -> video [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1] (float32)."""
+        return self.model.decode(self._post_quant(latents)).sample.float().clamp_(-1, 1)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Decodes a latent video chunk by chunk with one causal feature cache, exactly like one whole decode.
+
+    `decode(z[:, :, 0:3])` then `decode(z[:, :, 3:6])`, concatenated in time, equals `vae.decode(z[:, :, 0:6])`:
+    the first latent frame gives 1 pixel frame, every later one 4. Mirrors `AutoencoderKLWan._decode`.
+    """
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+        n = sum(isinstance(m, WanCausalConv3d) for m in vae.model.decoder.modules())
+        self.feat_cache: list = [None] * n  # one slot per causal conv; upsample3d's first slot holds "Rep"
+        self.latent_frames = 0  # decoded so far
+        self._shape: tuple[int, ...] | None = None  # (B, h, w): the cache holds one video
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, z, f, h, w] normalized latents (the next f frames) -> their pixel frames, float32 in [-1, 1]."""
+        model = self.vae.model
+        if latents.dim() == 5:
+            shape = (latents.shape[0], *latents.shape[3:])
+            if self._shape not in (None, shape):
+                raise ValueError(f"stream decoder: chunk has (B, h, w) = {shape}, earlier chunks {self._shape}; "
+                                 f"one stream decoder per video")
+            self._shape = shape
+        x = model.post_quant_conv(self.vae._post_quant(latents))  # 1x1x1 conv: no state across frames
+        out = []
+        for i in range(x.shape[2]):
+            out.append(model.decoder(x[:, :, i:i + 1], feat_cache=self.feat_cache, feat_idx=[0],
+                                     first_chunk=self.latent_frames == 0))
+            self.latent_frames += 1
+        return torch.cat(out, 2).float().clamp_(-1, 1)
