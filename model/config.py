@@ -339,6 +339,9 @@ def _quant_scheme_ok(v: str | None) -> str | None:
         return v
     if not any(v == s or v.startswith(s + "-") for s in QUANT_SCHEMES):
         raise ValueError("must be an int8-* or fp8-* scheme (e.g. int8-vllm, fp8-sgl)")
+    if v.startswith(("fp8-pertensor", "fp8-b128")):
+        raise ValueError("per-tensor and 128x128-block fp8 scales are not supported: use a per-channel scheme "
+                         "(e.g. fp8-sgl, fp8-vllm)")
     return v
 
 

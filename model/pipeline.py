@@ -1,0 +1,361 @@
+"""T2V / I2V generation: encode -> denoise -> decode, for the base sampler (UniPC + CFG) and the 4-step student.
+
+The three stages are separate methods because sequence parallelism runs them on different ranks (rank 0
+encodes and decodes, every rank denoises). Long work reports progress and checks for cancellation between
+DiT steps; every stage is timed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, ModelFolder, find_weights, load_state_dict
+from .config import ComponentArchs, ConfigError, RunConfig, latent_frames, validated
+from .dit import WanModel
+from .encoders import ImageEncoder, TextEncoder
+from .loader import build_dit, default_dtype, read_dit_arch
+from .lora import merge_loras
+from .quant import load_quantized_dit, quantize_dit
+from .schedulers import make_sampler
+from .vae import WanVAE
+from .video import write_mp4
+
+log = logging.getLogger(__name__)
+
+# Wan2.1's default negative prompt (wan/configs/shared_config.py), used when CFG is on and none is given.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+                       "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+                       "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+MAX_PROMPT_CHARS = 4096
+
+
+class RequestError(ValueError):
+    """The request cannot be generated as asked (bad prompt, size, frames, missing image...)."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled the generation; raised between DiT steps."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "text" | "image" | "dit" | "vae"
+    step: int
+    total: int
+
+
+ProgressFn = Callable[[Progress], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass
+class Conditioning:
+    """Everything the DiT needs besides the latents; small, so it is what rank 0 broadcasts."""
+
+    context: torch.Tensor  # [1, text_len, text_dim]
+    context_null: torch.Tensor | None  # negative prompt, when CFG is on
+    clip_fea: torch.Tensor | None  # [1, 257, img_dim] (I2V)
+    y: torch.Tensor | None  # [1, 4 + z_dim, F, H, W] mask + image latent (I2V)
+    noise: torch.Tensor  # [1, z_dim, F, H, W] float32, from the seed
+    seed: int
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"context": self.context, "context_null": self.context_null, "clip_fea": self.clip_fea, "y": self.y,
+                "noise": self.noise}
+
+
+@dataclass
+class Generation:
+    video: torch.Tensor  # [3, T, H, W] float in [-1, 1], on CPU
+    latents: torch.Tensor  # [z_dim, F, H/8, W/8]
+    seed: int
+    nfe: int  # DiT forward calls
+    timings: dict[str, float] = field(default_factory=dict)
+    fps: int = 16
+
+    def save(self, path: str | Path) -> Path:
+        return write_mp4(path, self.video, fps=self.fps)
+
+
+@dataclass
+class Request:
+    prompt: str
+    negative_prompt: str | None = None
+    image: torch.Tensor | np.ndarray | None = None  # [3, H, W] in [-1, 1], or uint8 [H, W, 3]
+    seed: int | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.device, self.timings = device, {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.timings[stage] = timer.timings.get(stage, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL image, uint8 [H, W, 3] array or [3, H, W] tensor in [-1, 1] -> float32 [3, H, W] in [-1, 1]."""
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise RequestError(f"image array must be uint8 [H, W, 3]; got {image.dtype} {image.shape}")
+        return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
+        return image.float()
+    raise RequestError(f"unsupported image: {type(image).__name__}")
+
+
+def i2v_size(image_hw: tuple[int, int], height: int, width: int, resize_mode: str) -> tuple[int, int]:
+    """Output size for I2V: the requested one ('fixed'), or Wan's area-preserving fit of the image's aspect
+    ratio into height*width pixels ('adaptive', LightX2V's default), in multiples of 16."""
+    if resize_mode == "fixed":
+        return height, width
+    aspect = image_hw[0] / image_hw[1]
+    area = height * width
+    lat_h = round(math.sqrt(area * aspect) // 8 // 2 * 2)
+    lat_w = round(math.sqrt(area / aspect) // 8 // 2 * 2)
+    return max(lat_h, 2) * 8, max(lat_w, 2) * 8
+
+
+def center_crop_resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[3, H0, W0] -> [3, h, w]: crop to the target aspect ratio, then bicubic resize."""
+    _, h0, w0 = img.shape
+    if h0 * w > w0 * h:  # too tall
+        ch = round(w0 * h / w)
+        top = (h0 - ch) // 2
+        img = img[:, top:top + ch]
+    elif h0 * w < w0 * h:
+        cw = round(h0 * w / h)
+        left = (w0 - cw) // 2
+        img = img[:, :, left:left + cw]
+    return F.interpolate(img[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+
+
+def i2v_mask(frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """[4, F_lat, lat_h, lat_w]: 1 for the given first pixel frame, 0 for frames to generate (Wan's layout:
+    channel k of latent frame t stands for pixel frame 4t+k-3)."""
+    msk = torch.ones(1, frames, lat_h, lat_w)
+    msk[:, 1:] = 0
+    msk = torch.cat([msk[:, :1].repeat_interleave(4, dim=1), msk[:, 1:]], dim=1)
+    return msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)[0]
+
+
+class WanPipeline:
+    """A loaded Wan2.1 model (DiT, text encoder, VAE, CLIP for I2V) and the sampler its config asks for."""
+
+    def __init__(self, dit: WanModel, text_encoder: TextEncoder, vae: WanVAE, cfg: RunConfig,
+                 image_encoder: ImageEncoder | None = None, device: str | torch.device = "cpu"):
+        self.dit, self.text_encoder, self.vae, self.image_encoder = dit, text_encoder, vae, image_encoder
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.arch = dit.arch
+        check_task(cfg, self.arch)
+        if cfg.task == "i2v" and image_encoder is None:
+            raise ConfigError("task = 'i2v' needs the CLIP image encoder")
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, cfg: RunConfig, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None) -> "WanPipeline":
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        folder = ModelFolder.open(model_path)
+        check_task(cfg, read_dit_arch(folder))  # before loading gigabytes
+        archs = component_archs(folder)
+        dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
+        text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
+                                device=device)
+        vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
+        image = ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device) if cfg.task == "i2v" else None
+        return cls(dit, text, vae, cfg, image, device)
+
+    # ---------------------------------------------------------------------------------------------
+    def check(self, req: Request) -> Request:
+        """Fill defaults from the config and reject what cannot be generated, with a message that says why."""
+        cfg = self.cfg
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise RequestError("prompt must not be empty")
+        if len(req.prompt) > MAX_PROMPT_CHARS:
+            raise RequestError(f"prompt is {len(req.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        over = {k: v for k, v in dict(target_video_length=req.frames, target_height=req.height,
+                                      target_width=req.width, seed=req.seed).items() if v is not None}
+        try:
+            merged = validated(RunConfig, {**cfg.model_dump(), **over}, "request")
+            merged.check_arch(self.arch)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
+        if cfg.task == "i2v" and req.image is None:
+            raise RequestError("task i2v needs an image (the first frame)")
+        if cfg.task == "t2v" and req.image is not None:
+            raise RequestError("an image was given but this model is text-to-video; use an i2v model")
+        return Request(req.prompt, req.negative_prompt, req.image, merged.seed, merged.target_video_length,
+                       merged.target_height, merged.target_width)
+
+    def encode(self, req: Request, timer: _Timer | None = None, progress: ProgressFn | None = None) -> Conditioning:
+        """Text (+ negative prompt under CFG), and for I2V the CLIP tokens and the VAE latent of the first frame."""
+        timer = timer or _Timer(self.device)
+        cfg, arch = self.cfg, self.arch
+        with timer("text"):
+            prompts = [req.prompt]
+            if cfg.enable_cfg:
+                prompts.append(req.negative_prompt if req.negative_prompt is not None else
+                               (cfg.sample_neg_prompt or WAN_NEGATIVE_PROMPT))
+            ctx, _ = self.text_encoder.encode(prompts)
+        if progress:
+            progress(Progress("text", 1, 1))
+        h, w, clip_fea, y = req.height, req.width, None, None
+        if cfg.task == "i2v":
+            with timer("image"):
+                img = image_to_tensor(req.image)
+                h, w = i2v_size(tuple(img.shape[1:]), req.height, req.width, cfg.extras.get("resize_mode", "fixed"))
+                clip_fea = self.image_encoder.encode(img[None])
+                first = center_crop_resize(img, h, w)
+                pixels = torch.cat([first[:, None], torch.zeros(3, req.frames - 1, h, w)], dim=1)
+                lat = self.vae.encode(pixels[None].to(self.device))[0]
+                y = torch.cat([i2v_mask(req.frames, h // 8, w // 8).to(lat), lat])[None]
+            if progress:
+                progress(Progress("image", 1, 1))
+        gen = torch.Generator("cpu").manual_seed(req.seed)
+        shape = (1, arch.out_dim, latent_frames(req.frames), h // 8, w // 8)
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return Conditioning(ctx[:1], ctx[1:] if cfg.enable_cfg else None, clip_fea, y, noise, req.seed)
+
+    @torch.no_grad()
+    def denoise(self, cond: Conditioning, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                dit: Callable | None = None) -> tuple[torch.Tensor, int]:
+        """The sampler loop; returns (clean latents [1, z, F, h, w], number of DiT calls)."""
+        cfg = self.cfg
+        dit = dit or self.dit
+        sampler = make_sampler(cfg, cfg.task)
+        gen = torch.Generator("cpu").manual_seed(cond.seed + 1)  # fresh-noise re-noising draws (Self-Forcing mode)
+        dev = self.device
+        x = cond.noise.to(dev)
+        extra = {k: (v.to(dev) if v is not None else None) for k, v in (("clip_fea", cond.clip_fea), ("y", cond.y))}
+        ctx = cond.context.to(dev)
+        ctx_null = cond.context_null.to(dev) if cond.context_null is not None else None
+        nfe, n = 0, len(sampler)
+        for i in range(n):
+            t = sampler.timesteps[i].reshape(1).to(dev)
+            flow = dit(x, t, ctx, **extra).float()
+            nfe += 1
+            if ctx_null is not None:
+                uncond = dit(x, t, ctx_null, **extra).float()
+                nfe += 1
+                flow = uncond + cfg.sample_guide_scale * (flow - uncond)
+            x = sampler.step(i, flow, x, generator=gen)
+            if progress:
+                progress(Progress("dit", i + 1, n))
+            if cancel and i + 1 < n and cancel():
+                raise Cancelled(f"cancelled after step {i + 1} of {n}")
+        return x, nfe
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.device))[0].cpu()
+
+    # ---------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, negative_prompt: str | None = None, image=None, seed: int | None = None,
+                 frames: int | None = None, height: int | None = None, width: int | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Generation:
+        req = self.check(Request(prompt, negative_prompt, image, seed, frames, height, width))
+        timer = _Timer(self.device)
+        t0 = time.perf_counter()
+        cond = self.encode(req, timer, progress)
+        if cancel and cancel():
+            raise Cancelled("cancelled before denoising")
+        with timer("dit"):
+            latents, nfe = self.denoise(cond, progress, cancel)
+        with timer("vae"):
+            video = self.decode(latents)
+        if progress:
+            progress(Progress("vae", 1, 1))
+        timer.timings["total"] = time.perf_counter() - t0
+        return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=self.cfg.fps)
+
+
+# -------------------------------------------------------------------------------------------------
+# Model folder resolution (LightX2V conventions)
+# -------------------------------------------------------------------------------------------------
+def check_task(cfg: RunConfig, arch) -> None:
+    cfg.check_arch(arch)
+    if cfg.task == "i2v" and not arch.is_i2v:
+        raise ConfigError("task = 'i2v': this model folder holds a T2V DiT (config.json model_type t2v)")
+    if cfg.task == "t2v" and arch.is_i2v:
+        raise ConfigError("task = 't2v': this model folder holds an I2V DiT; use task i2v")
+    if cfg.model_cls == "wan2.1_causvid":
+        raise ConfigError("model_cls = 'wan2.1_causvid' generates block by block: use the CausVid pipeline")
+
+
+def component_archs(folder: ModelFolder) -> ComponentArchs:
+    """Architectures of T5/CLIP/VAE: the Wan2.1 release unless `<model>/wanserve.json` says otherwise."""
+    p = folder.root / "wanserve.json"
+    if not p.is_file():
+        return ComponentArchs()
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON: {e}") from None
+    return validated(ComponentArchs, data, str(p))
+
+
+def _resolve_file(value: str, folder: ModelFolder) -> Path:
+    p = Path(value)
+    for cand in (p, folder.root / p):
+        if cand.is_file():
+            return cand
+    raise CheckpointError(f"weight file not found: looked for {p} and {folder.root / p}")
+
+
+def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, device: torch.device,
+                      lora_roots: list[str | Path] | None = None) -> WanModel:
+    """The DiT the config asks for, as LightX2V resolves it:
+
+    - pre-quantized (`dit_quantized_ckpt`): that file, int8/fp8;
+    - wan2.1_distill without LoRAs: `dit_original_ckpt`, else `<model>/distill_models/distill_model.*`;
+    - otherwise (base, or any non-empty lora_configs): the base Wan2.1 DiT, then every LoRA merged in order;
+    - `dit_quantized` without a pre-quantized file: quantized on load (after the LoRA merge).
+    """
+    arch = read_dit_arch(folder)
+    if cfg.dit_quantized and cfg.dit_quantized_ckpt:
+        if cfg.lora_configs:
+            raise ConfigError("lora_configs with dit_quantized_ckpt: merge LoRAs into full-precision weights, "
+                              "then quantize on load (drop dit_quantized_ckpt)")
+        path = _resolve_file(cfg.dit_quantized_ckpt, folder)
+        return load_quantized_dit(path, arch, cfg.dit_quant_scheme, dtype, device)
+    if cfg.model_cls == "wan2.1_distill" and not cfg.lora_configs:
+        path = (_resolve_file(cfg.dit_original_ckpt, folder) if cfg.dit_original_ckpt
+                else find_weights(folder.root / "distill_models", ["distill_model"]))
+    else:
+        path = folder.dit_weights()
+    log.info("loading DiT weights from %s", path)
+    dit = build_dit(arch, load_state_dict(path), dtype, device, source=str(path))
+    if cfg.lora_configs:
+        roots = lora_roots if lora_roots is not None else [folder.root]
+        log.info("%s", merge_loras(dit, cfg.lora_configs, roots=roots))
+    if cfg.dit_quantized:
+        quantize_dit(dit, cfg.dit_quant_scheme)
+    return dit
