@@ -1,6 +1,5 @@
 """End-to-end generation on tiny model folders: T2V/I2V, base/distill, determinism, NFE, cancel, bad input."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import save_file
 from helpers import tiny_dit
 from model.checkpoint import CheckpointError
 from model.config import TINY_I2V, TINY_T2V, ConfigError, load_run_config
-from model.pipeline import Cancelled, RequestError, WanPipeline, i2v_mask
+from model.pipeline import Cancelled, Request, RequestError, WanPipeline, i2v_mask
 from model.quant import QuantLinear
 from model.tiny import write_tiny_model
 from model.video import read_mp4
@@ -60,8 +59,7 @@ def test_distill_t2v_four_steps_matches_formula(t2v_root, tmp_path):
     assert out.nfe == 4 and counting.calls == 4
     assert counting.timesteps == pytest.approx([1000.0, 937.5, 833.3333333, 625.0])
     # independent loop: LightX2V's step semantics written out with the raw model
-    cond = pipe.encode(pipe.check(__import__("model.pipeline", fromlist=["Request"]).Request("a red square moving left",
-                                                                                           seed=7)))
+    cond = pipe.encode(pipe.check(Request("a red square moving left", seed=7)))
     shift = 5.0
     sig = [shift * u / (1 + (shift - 1) * u) for u in (1.0, 0.75, 0.5, 0.25)]
     x = cond.noise
