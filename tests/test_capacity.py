@@ -1,0 +1,212 @@
+"""The capacity model against independent counts: hand-written matmul FLOPs, closed forms, known memory
+figures, and Wan2.1's published H100 times (the calibration must reproduce them within 15 %)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.config import TINY_I2V, TINY_T2V, WAN21_T2V_1_3B, WAN21_T2V_14B, ClipArch, DiTArch
+from parallel import capacity as cap
+
+
+def mm(m: int, k: int, n: int) -> int:
+    """FLOPs of an [m, k] x [k, n] product (multiply + add)."""
+    return 2 * m * k * n
+
+
+def hand_count(arch: DiTArch, grid: tuple[int, int, int]) -> dict[str, int]:
+    """Every matmul of one WanModel forward (batch 1), written out from the architecture."""
+    f, h, w = grid
+    pt, ph, pw = arch.patch_size
+    L = (f // pt) * (h // ph) * (w // pw)
+    d, ffn, ctx_text = arch.dim, arch.ffn_dim, arch.text_len
+    ctx_img = ClipArch().num_tokens if arch.is_i2v else 0
+    head_out = pt * ph * pw * arch.out_dim
+
+    context = (mm(ctx_text, arch.text_dim, d) + mm(ctx_text, d, d)  # text_embedding
+               + mm(1, arch.freq_dim, d) + mm(1, d, d) + mm(1, d, 6 * d)  # time embedding + projection
+               + arch.num_layers * 2 * mm(ctx_text, d, d))  # cross-attention k, v of the text
+    if arch.is_i2v:
+        context += mm(ctx_img, arch.img_dim, arch.img_dim) + mm(ctx_img, arch.img_dim, d)  # img_emb MLP
+        context += arch.num_layers * 2 * mm(ctx_img, d, d)  # k_img, v_img
+    per_block_linear = 4 * mm(L, d, d) + 2 * mm(L, d, d) + mm(L, d, ffn) + mm(L, ffn, d)  # self qkvo, cross q o, FFN
+    token_linear = (mm(L, arch.in_dim * pt * ph * pw, d)  # patch embedding conv
+                    + arch.num_layers * per_block_linear + mm(L, d, head_out))
+    self_attention = arch.num_layers * (mm(L, d, L) + mm(L, L, d))  # QK^T and AV over all heads
+    cross_attention = arch.num_layers * (mm(L, d, ctx_text + ctx_img) + mm(L, ctx_text + ctx_img, d))
+    return dict(self_attention=self_attention, cross_attention=cross_attention, token_linear=token_linear,
+                context=context)
+
+
+def test_sdpa_is_counted_on_meta():
+    b, h, lq, lk, dh = 2, 3, 40, 56, 16
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(torch.empty(b, h, lq, dh), torch.empty(b, h, lk, dh), torch.empty(b, h, lk, dh))
+    assert counter.get_total_flops() == 4 * b * h * lq * lk * dh
+
+
+@pytest.mark.parametrize("arch", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
+def test_tiny_dit_flops_equal_hand_count(arch):
+    grid = (3, 8, 12)  # 3 x 4 x 6 = 72 tokens
+    counted = cap.dit_forward_flops(arch, grid)
+    expected = hand_count(arch, grid)
+    assert {k: getattr(counted, k) for k in expected} == expected
+
+
+def test_extrapolations_equal_direct_counts():
+    # DiT: identical blocks, counted with 1 and 2 of them; 1.3B at a small grid, all 30 blocks counted
+    assert cap.dit_forward_flops(WAN21_T2V_1_3B, (3, 8, 12)) == cap.count_dit_forward(WAN21_T2V_1_3B, (3, 8, 12))
+    # VAE decode: one latent frame per call, identical from the second on; encode: 1 frame, then 4-frame chunks
+    assert cap.vae_decode_flops((6, 4, 4)) == cap.count_vae_decode((6, 4, 4))
+    assert cap.vae_encode_flops(17, 32, 32) == cap.count_vae_encode(17, 32, 32)
+
+
+def test_14b_480p_flops_against_closed_form():
+    arch, grid = WAN21_T2V_14B, (21, 60, 104)
+    L, d, n, ctx = 32760, arch.dim, arch.num_layers, arch.text_len
+    counted = cap.dit_forward_flops(arch, grid)
+    params = 14_288_491_584  # reference/wan_xdit.md 1.1: 14.289 B
+    attention = 4 * L * L * d * n
+    # naive: every parameter applied to every video token; 2.3 B of them (cross-attention K/V, time
+    # projection, text embedding) only ever see the 512 text tokens or the timestep, so it runs 8 % high
+    naive = 2 * params * L + attention
+    assert counted.self_attention == attention
+    assert 1.06 < naive / counted.total < 1.10
+    context_params = n * 2 * (d * d + d) + (6 * d * d + 6 * d) + (4096 * d + d + d * d + d) + (256 * d + d + d * d + d)
+    refined = 2 * (params - context_params) * L + 2 * (n * 2 * d * d) * ctx + attention + 4 * L * ctx * d * n
+    assert counted.total == pytest.approx(refined, rel=2e-3)
+    print(f"\n14B 480p forward: {counted.total / 1e15:.4f} PFLOP counted, naive {naive / 1e15:.4f}, "
+          f"refined {refined / 1e15:.4f}; attention {counted.attention / counted.total:.1%}")
+
+
+def hand_params(arch: DiTArch) -> int:
+    d, f = arch.dim, arch.ffn_dim
+    linear = d * d + d
+    block = (4 * linear + 2 * d  # self-attention + q/k RMSNorm
+             + 2 * d  # norm3 (affine LayerNorm)
+             + 4 * linear + 2 * d  # cross-attention + norms
+             + (d * f + f) + (f * d + d)  # FFN
+             + 6 * d)  # modulation
+    top = ((arch.in_dim * 4 * d + d) + (arch.text_dim * d + d) + linear + (arch.freq_dim * d + d) + linear
+           + (d * 6 * d + 6 * d) + (d * 4 * arch.out_dim + 4 * arch.out_dim) + 2 * d)
+    return arch.num_layers * block + top
+
+
+def test_weight_memory():
+    assert cap.dit_param_counts(WAN21_T2V_14B)[0] == hand_params(WAN21_T2V_14B) == 14_288_491_584
+    assert cap.dit_param_counts(WAN21_T2V_1_3B)[0] == hand_params(WAN21_T2V_1_3B)
+    assert cap.dit_weight_bytes(WAN21_T2V_14B, "bf16") / cap.GB == pytest.approx(28.6, abs=0.05)
+    # int8/fp8: block linears 1 B + fp32 scale per row, the rest bf16 -> about half (model/quant.py: 14.5 GB)
+    d, f, n = 5120, 13824, 40
+    q = n * (8 * d * d + 2 * d * f)
+    rows = n * (8 * d + f + d)
+    expected = q + 4 * rows + 2 * (hand_params(WAN21_T2V_14B) - q)
+    assert cap.dit_weight_bytes(WAN21_T2V_14B, "int8") == cap.dit_weight_bytes(WAN21_T2V_14B, "fp8") == expected
+    assert expected / cap.GB == pytest.approx(14.5, abs=0.05)
+    # FSDP over 8 ranks: each sends its eighth to the 7 others, in bf16
+    assert cap.fsdp_bytes_per_forward(WAN21_T2V_14B, "fp32", 8) == 7 * 2 * 14_288_491_584 // 8
+
+
+def test_causvid_cache_memory():
+    # reference/selfforcing_causvid.md 1.2: 1.3B, 21 frames x 1560 tokens, 30 layers, 12 x 128, bf16
+    cache = cap.causvid_cache_bytes(WAN21_T2V_1_3B, frame_tokens=1560, window_frames=21)
+    assert cache == 21 * 1560 * 30 * 2 * 12 * 128 * 2
+    assert cache / cap.GIB == pytest.approx(5.62, abs=0.01)
+    assert cache / 30 / 2 ** 20 == pytest.approx(192, abs=0.05)  # 192 MiB per layer
+    assert cap.cross_cache_bytes(WAN21_T2V_1_3B) / 2 ** 20 == pytest.approx(90)  # 90 MiB (section 1.4)
+    w = cap.Workload(model="1.3B", steps=4, cfg=False, causvid_window=21)
+    m = cap.memory(w, "H100")
+    assert m.causvid_session == cache + cap.cross_cache_bytes(WAN21_T2V_1_3B)
+    free = 80e9 - cap.RESERVED_BYTES - m.weights - max(m.causvid_activations, m.vae_decode)
+    assert m.causvid_sessions == int(free // m.causvid_session) > 0
+
+
+def test_activation_formula_on_known_cases():
+    # 14B, 75,600 tokens on one GPU: 32·dim bytes per token (self-attention phase with float64 RoPE), the
+    # RoPE table and the cross-attention K/V of 40 blocks
+    act = cap.dit_activation_bytes(WAN21_T2V_14B, 75600)
+    assert act == 75600 * 32 * 5120 + 75600 * 8 * 128 + 40 * 2 * 512 * 5120 * 2
+    # 1.3B: the FFN phase is the larger one (10·1536 + 4·8960 > 32·1536)
+    assert cap.dit_activation_bytes(WAN21_T2V_1_3B, 100) == 100 * (10 * 1536 + 4 * 8960) + 100 * 8 * 128 + \
+        30 * 2 * 512 * 1536 * 2
+
+
+def test_sp_bytes_closed_form():
+    arch = WAN21_T2V_14B
+    # pure Ulysses 8 at 720p: 4 all-to-alls per layer of a 9,450-token shard, 7/8 of it sent, bf16
+    b = cap.sp_bytes_per_forward(arch, 75600, ulysses=8, ring=1, dtype_bytes=2)
+    assert b.all_to_all == 40 * 4 * 9450 * 5120 * 7 // 8 * 2
+    assert b.ring == 0
+    assert b.gather == 7 * 9450 * 64 * 4
+    # hybrid u2 x r4, 32,760 tokens: ring sends K and V blocks of [2·4095 tokens, 20 heads, 128] 3 times
+    h = cap.sp_bytes_per_forward(arch, 32760, ulysses=2, ring=4, dtype_bytes=2)
+    assert h.all_to_all == 40 * 4 * 4095 * 5120 // 2 * 2
+    assert h.ring == 40 * 3 * 2 * (2 * 4095) * (5120 // 2) * 2
+    assert h.gather == 7 * 4095 * 64 * 4
+    # one GPU moves nothing; padding: 10 tokens over 4 ranks -> 3-token shards
+    assert cap.sp_bytes_per_forward(arch, 75600, 1, 1).total == 0
+    assert cap.sp_bytes_per_forward(TINY_T2V, 10, 1, 4).ring == 2 * 3 * 2 * 3 * 48 * 2
+    assert cap.cfg_gather_bytes_per_step((21, 60, 104)) == 16 * 21 * 60 * 104 * 4
+
+
+def test_calibration_reproduces_published_h100_times():
+    fit = cap.calibrate("H100")
+    c = fit.calibration
+    link = cap.GPUS["H100"].link_bw / cap.GB
+    print(f"\nH100 fit: mfu {c.mfu:.3f}, vae_eff {c.vae_eff:.4f}, collectives {c.comm_eff * link:.0f} GB/s "
+          f"({fit.comm_range[0] * link:.0f}-{fit.comm_range[1] * link:.0f} within 5 %), "
+          f"VAE {c.vae_bytes_per_pixel:.0f} B/pixel")
+    for r in fit.rows:
+        print(f"  {r.task} {r.gpus} GPU: published {r.published_s:7.1f} s, projected {r.projected_s:7.1f} s "
+              f"({r.error:+.1%}); peak {r.published_gb:.1f} GB vs {r.projected_gb:.1f} GB ({r.memory_error:+.1%})")
+    t2v = [r for r in fit.rows if r.task == "t2v"]
+    assert [(r.gpus, r.published_s) for r in t2v] == [(1, 1837.9), (2, 945.1), (4, 497.0), (8, 287.9)]
+    assert all(abs(r.error) < 0.15 for r in fit.rows)  # acceptance: the T2V four (and the I2V four) within 15 %
+    assert all(abs(r.memory_error) < 0.15 for r in fit.rows)
+    assert 0 < c.mfu <= 1 and 0 < c.vae_eff <= 1 and 0 < fit.comm_range[0] <= c.comm_eff <= fit.comm_range[1] <= 1
+
+
+def test_t2v_only_fit_predicts_i2v_and_a100_needs_its_own_fit():
+    # the four T2V points alone leave VAE vs collectives open; the unfitted I2V points still land within 20 %
+    assert all(abs(r.error) < 0.20 for r in cap.held_out("H100"))
+    a100 = cap.calibrate("A100")
+    assert a100.max_error < 0.15
+    # one MFU does not transfer across GPU generations: the H100's would make the A100 far too slow
+    h100 = cap.calibrate("H100").calibration
+    w = cap.upstream_workload(8)
+    assert cap.project(w, "A100", h100).total_s > 1.4 * cap.project(w, "A100").total_s
+
+
+def test_projection_scales_and_replicas():
+    distill = cap.Workload(model="14B", steps=4, cfg=False, ulysses=8)
+    base = cap.Workload(model="14B", steps=50, cfg=True, ulysses=8)
+    pd, pb = cap.project(distill), cap.project(base)
+    assert pd.dit_s <= 10  # the issue's goal for the 4-step 480p DiT on 8 x H100
+    assert pb.dit_s / pd.dit_s == pytest.approx(25, rel=0.01)  # 100 forwards vs 4, same shards
+    # the collectives: 4 forwards x the Ulysses bytes of a rank at the fitted bandwidth
+    c = cap.calibration_for("H100")
+    sp_bytes = cap.sp_bytes_per_forward(WAN21_T2V_14B, 32760, 8, 1).total
+    assert pd.dit_comm_s == pytest.approx(4 * sp_bytes / (c.comm_eff * 450e9))
+    one = cap.project(cap.Workload(model="14B", steps=4, cfg=False))
+    assert one.dit_comm_s == 0 and 6 < one.dit_s / pd.dit_s < 8
+    n = cap.replicas_for(10, pd)
+    assert (n - 1) * pd.videos_per_minute < 10 <= n * pd.videos_per_minute
+    assert math.isclose(cap.project(distill, "H200").dit_s, pd.dit_s, rel_tol=0.02)  # same tensor cores
+    # A100: its own fit; the compute part scales with peak x MFU
+    a100 = cap.calibration_for("A100")
+    expected = pd.dit_compute_s * (989.4e12 * c.mfu) / (312e12 * a100.mfu)
+    assert cap.project(distill, "A100").dit_compute_s == pytest.approx(expected)
+
+
+def test_workload_rules():
+    with pytest.raises(ValueError, match="num_heads"):
+        cap.Workload(model="1.3B", ulysses=8)
+    with pytest.raises(ValueError, match="no Wan2.1 i2v 1.3B"):
+        cap.Workload(model="1.3B", task="i2v")
+    with pytest.raises(ValueError, match="4n\\+1"):
+        cap.Workload(frames=80)
+    assert cap.Workload(model="1.3B", ring=8).gpus == 8
