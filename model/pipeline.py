@@ -167,26 +167,32 @@ def i2v_mask(frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
 class WanPipeline:
     """A loaded Wan2.1 model (DiT, text encoder, VAE, CLIP for I2V) and the sampler its config asks for."""
 
-    def __init__(self, dit: WanModel, text_encoder: TextEncoder, vae: WanVAE, cfg: RunConfig,
+    def __init__(self, dit: WanModel, text_encoder: TextEncoder | None, vae: WanVAE | None, cfg: RunConfig,
                  image_encoder: ImageEncoder | None = None, device: str | torch.device = "cpu"):
+        """text_encoder and vae None: a denoise-only pipeline (the ranks > 0 of a parallel group)."""
         self.dit, self.text_encoder, self.vae, self.image_encoder = dit, text_encoder, vae, image_encoder
+        self.denoise_only = text_encoder is None and vae is None
         self.cfg = cfg
         self.device = torch.device(device)
         self.arch = dit.arch
         check_task(cfg, self.arch)
-        if cfg.task == "i2v" and image_encoder is None:
+        if cfg.task == "i2v" and image_encoder is None and not self.denoise_only:
             raise ConfigError("task = 'i2v' needs the CLIP image encoder")
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_path: str | Path, cfg: RunConfig, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None) -> "WanPipeline":
+                        dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None,
+                        denoise_only: bool = False) -> "WanPipeline":
+        """denoise_only: load the DiT alone (the ranks > 0 of a parallel group never encode or decode)."""
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
         folder = ModelFolder.open(model_path)
         check_task(cfg, read_dit_arch(folder))  # before loading gigabytes
         archs = component_archs(folder)
         dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
+        if denoise_only:
+            return cls(dit, None, None, cfg, None, device)
         text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
                                 device=device)
         vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
@@ -217,6 +223,7 @@ class WanPipeline:
 
     def encode(self, req: Request, timer: _Timer | None = None, progress: ProgressFn | None = None) -> Conditioning:
         """Text (+ negative prompt under CFG), and for I2V the CLIP tokens and the VAE latent of the first frame."""
+        self._need_codecs("encode")
         timer = timer or _Timer(self.device)
         cfg, arch = self.cfg, self.arch
         with timer("text"):
@@ -244,12 +251,29 @@ class WanPipeline:
         noise = torch.randn(shape, generator=gen, dtype=torch.float32)
         return Conditioning(ctx[:1], ctx[1:] if cfg.enable_cfg else None, clip_fea, y, noise, req.seed)
 
+    def _need_codecs(self, what: str) -> None:
+        if self.denoise_only:
+            raise RuntimeError(f"{what}: this pipeline was loaded with denoise_only=True (no encoders / VAE)")
+
+    def guided_flow(self, dit: Callable, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                    ctx_null: torch.Tensor | None, extra: dict) -> tuple[torch.Tensor, int]:
+        """The flow one sampler step uses and the DiT calls it took: with CFG, cond then uncond, combined."""
+        flow = dit(x, t, ctx, **extra).float()
+        if ctx_null is None:
+            return flow, 1
+        uncond = dit(x, t, ctx_null, **extra).float()
+        return uncond + self.cfg.sample_guide_scale * (flow - uncond), 2
+
     @torch.no_grad()
     def denoise(self, cond: Conditioning, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                dit: Callable | None = None) -> tuple[torch.Tensor, int]:
-        """The sampler loop; returns (clean latents [1, z, F, h, w], number of DiT calls)."""
+                dit: Callable | None = None, guidance: Callable | None = None) -> tuple[torch.Tensor, int]:
+        """The sampler loop; returns (clean latents [1, z, F, h, w], number of DiT calls).
+
+        guidance(dit, x, t, ctx, ctx_null, extra) -> (flow, calls) replaces `guided_flow` (CFG parallel
+        runs the two branches on different ranks)."""
         cfg = self.cfg
         dit = dit or self.dit
+        guidance = guidance or self.guided_flow
         sampler = make_sampler(cfg, cfg.task)
         gen = torch.Generator("cpu").manual_seed(cond.seed + 1)  # fresh-noise re-noising draws (Self-Forcing mode)
         dev = self.device
@@ -260,12 +284,8 @@ class WanPipeline:
         nfe, n = 0, len(sampler)
         for i in range(n):
             t = sampler.timesteps[i].reshape(1).to(dev)
-            flow = dit(x, t, ctx, **extra).float()
-            nfe += 1
-            if ctx_null is not None:
-                uncond = dit(x, t, ctx_null, **extra).float()
-                nfe += 1
-                flow = uncond + cfg.sample_guide_scale * (flow - uncond)
+            flow, calls = guidance(dit, x, t, ctx, ctx_null, extra)
+            nfe += calls
             x = sampler.step(i, flow, x, generator=gen)
             if progress:
                 progress(Progress("dit", i + 1, n))
@@ -275,6 +295,7 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._need_codecs("decode")
         return self.vae.decode(latents.to(self.device))[0].cpu()
 
     # ---------------------------------------------------------------------------------------------
@@ -336,6 +357,7 @@ def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, d
 
     - pre-quantized (`dit_quantized_ckpt`): that file, int8/fp8;
     - wan2.1_distill without LoRAs: `dit_original_ckpt`, else `<model>/distill_models/distill_model.*`;
+    - wan2.1_causvid without LoRAs: `dit_original_ckpt`, else `<model>/causvid_models/causal_model.*`;
     - otherwise (base, or any non-empty lora_configs): the base Wan2.1 DiT, then every LoRA merged in order;
     - `dit_quantized` without a pre-quantized file: quantized on load (after the LoRA merge).
     """
@@ -346,9 +368,12 @@ def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, d
                               "then quantize on load (drop dit_quantized_ckpt)")
         path = _resolve_file(cfg.dit_quantized_ckpt, folder)
         return load_quantized_dit(path, arch, cfg.dit_quant_scheme, dtype, device)
-    if cfg.model_cls == "wan2.1_distill" and not cfg.lora_configs:
+    students = {"wan2.1_distill": ("distill_models", "distill_model"),
+                "wan2.1_causvid": ("causvid_models", "causal_model")}
+    if cfg.model_cls in students and not cfg.lora_configs:
+        sub, stem = students[cfg.model_cls]
         path = (_resolve_file(cfg.dit_original_ckpt, folder) if cfg.dit_original_ckpt
-                else find_weights(folder.root / "distill_models", ["distill_model"]))
+                else find_weights(folder.root / sub, [stem]))
     else:
         path = folder.dit_weights()
     log.info("loading DiT weights from %s", path)

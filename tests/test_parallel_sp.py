@@ -1,0 +1,203 @@
+"""SP=2 on two spawned gloo processes vs the single-process model: DiT forwards (Ulysses, ring, padding,
+I2V, per-frame timesteps), FSDP weight sharding, and whole distill generations through ParallelRunner.
+
+One spawn runs every case (spawning costs seconds on two cores); each test below checks one part of its
+result against an independent single-process computation. Tolerance: 1e-5 absolute, fp32.
+"""
+import dataclasses
+import sys
+
+import pytest
+import torch
+from helpers import dit_inputs, tiny_dit
+
+from model.config import TINY_I2V, TINY_T2V, DiTArch, load_run_config
+from model.pipeline import Cancelled, Request, RequestError, WanPipeline
+from model.tiny import write_tiny_model
+
+ARCH4 = DiTArch(model_type="t2v", in_dim=4, out_dim=4, dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=16,
+                num_heads=4, num_layers=2)  # head_dim 16
+ARCHS = {"t2v4": (ARCH4, 3), "t2v": (TINY_T2V, 4), "i2v": (TINY_I2V, 5)}  # arch, weight seed
+SHAPES = {"even": dict(frames=3, h=8, w=12), "padded": dict(frames=3, h=6, w=10)}  # 72 and 45 tokens
+CASES = [("t2v4", "even", False), ("t2v4", "padded", False), ("t2v4", "padded", True), ("t2v", "padded", False),
+         ("i2v", "padded", False), ("i2v", "even", False)]
+WORDS = "a red blue square circle moving left right".split()
+PROMPT = "a red square moving left"
+# 9 frames at 48x48: latent 3 x 6 x 6, 27 tokens: SP=2 pads
+DISTILL = {"target_video_length": 9, "target_height": 48, "target_width": 48, "enable_cfg": False,
+           "denoising_step_list": [1000, 750, 500, 250], "sample_shift": 5, "seed": 7}
+TOL = 1e-5
+
+
+def case_inputs(arch_name: str, shape: str, per_frame_t: bool) -> tuple[torch.nn.Module, dict]:
+    arch, seed = ARCHS[arch_name]
+    kw = dit_inputs(arch, batch=2, **SHAPES[shape])
+    if per_frame_t:  # one timestep per latent frame: per-token modulation is sharded too
+        kw["t"] = torch.tensor([[999.0, 600.0, 250.0], [500.0, 500.5, 20.0]])
+    return tiny_dit(arch, seed), kw
+
+
+def distill_config(**parallel):
+    extra = {"parallel": parallel} if parallel else {}
+    return load_run_config({**DISTILL, **extra}, model_cls="wan2.1_distill", task="t2v")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each rank runs
+# ---------------------------------------------------------------------------------------------------------
+def sp2_worker(rank, world_size, addr, port, model_root):
+    from parallel.attention import SequenceParallelLayout
+    from parallel.fsdp import parameter_bytes, shard_dit
+    from parallel.group import GroupLayout, join
+    from parallel.runner import ParallelRunner, load_rank_pipeline
+
+    class UnmaskedLayout(SequenceParallelLayout):  # upstream's behaviour: padded keys attended
+        def self_attention(self, q, k, v):
+            from parallel.attention import KVSegment
+            return self.attn(q, [KVSegment(k, v)])
+
+    out = {"forward": {}, "bytes": {}}
+    group = join(rank, world_size, addr, port, GroupLayout(ulysses=2), join_timeout=60, heartbeat_interval=0.2,
+                 stale_after=3)
+    ring_group = dataclasses.replace(group, ulysses=group.ring, ring=group.ulysses)  # same 2 ranks as a ring
+    with group.watch(), torch.no_grad():
+        for mode, g in (("ulysses", group), ("ring", ring_group)):
+            for case in CASES:
+                dit, kw = case_inputs(*case)
+                dit.layout = SequenceParallelLayout(g)
+                out["forward"][(mode, *case)] = dit(**kw)
+                out["bytes"][(mode, *case)] = dit.layout.stats.bytes_sent
+        dit, kw = case_inputs("t2v4", "padded", False)
+        dit.layout = UnmaskedLayout(group)
+        out["unmasked"] = dit(**kw)
+        dit, kw = case_inputs("t2v4", "padded", False)
+        dit.layout = SequenceParallelLayout(group)
+        shard_dit(dit, group)
+        out["fsdp_forward"] = dit(**kw)
+        out["fsdp_forward_bytes"] = parameter_bytes(dit)
+
+    # whole generations: rank 0 encodes and decodes, both ranks denoise
+    for key, par in (("gen", {"seq_p_size": 2}), ("gen_fsdp", {"seq_p_size": 2, "dit_fsdp": True})):
+        pipe = load_rank_pipeline(model_root, distill_config(**par), rank)
+        runner = ParallelRunner(pipe, group)
+        steps = []
+        res = runner.generate(Request(PROMPT) if rank == 0 else None, progress=steps.append)
+        out[key] = None if res is None else {"latents": res.latents, "video": res.video, "nfe": res.nfe,
+                                             "timings": res.timings}
+        out[key + "_steps"] = [(p.stage, p.step) for p in steps]
+        out[key + "_bytes"] = parameter_bytes(pipe.dit)
+        out[key + "_denoise_only"] = pipe.denoise_only
+
+    # control flow crosses ranks: a rejected request, then a cancel after step 2, then the group still works
+    try:
+        runner.generate(Request("   ") if rank == 0 else None)
+    except RequestError as e:
+        out["request_error"] = str(e)
+    calls = []
+    try:
+        runner.generate(Request(PROMPT) if rank == 0 else None,
+                        cancel=lambda: calls.append(1) or len(calls) >= 2)
+    except Cancelled as e:
+        out["cancelled"] = str(e)
+    res = runner.generate(Request(PROMPT) if rank == 0 else None)
+    out["after"] = None if res is None else res.latents
+    out["modules"] = {m: m in sys.modules for m in ("xfuser", "yunchang", "flash_attn")}
+    out["broken"] = group.broken
+    group.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp_t2v")
+    return write_tiny_model(root, "t2v", words=WORDS, distill=tiny_dit(TINY_T2V, seed=11))
+
+
+@pytest.fixture(scope="module")
+def ranks(model_root):
+    from parallel.launch import run_local, values
+
+    return values(run_local(sp2_worker, 2, args=(str(model_root),), timeout=240))
+
+
+@pytest.fixture(scope="module")
+def serial(model_root):
+    pipe = WanPipeline.from_pretrained(model_root, distill_config())
+    return pipe.generate(PROMPT)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_sp2_forward_equals_single_process(ranks, mode, case):
+    dit, kw = case_inputs(*case)
+    with torch.no_grad():
+        ref = dit(**kw)
+    for r, out in enumerate(ranks):
+        got = out["forward"][(mode, *case)]
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= TOL, f"rank {r}"
+
+
+def test_bytes_sent_per_forward(ranks):
+    """What each rank sends in one forward (72 tokens, B=2, 4 heads x 16, 2 layers, fp32), in closed form."""
+    b, s, h, d, layers, out_ch = 2, 72 // 2, 4, 16, 2, 16  # out_ch = patch 1*2*2 x 4 channels
+    local = b * s * h * d * 4  # one [B, s, H, D] tensor
+    gather = b * s * out_ch * 4
+    ulysses = layers * (3 * local // 2 + local // 2) + gather  # q, k, v in; the output back; U = 2
+    ring = layers * 2 * local + gather  # k and v to the neighbour once; R = 2
+    for out in ranks:
+        assert out["bytes"][("ulysses", "t2v4", "even", False)] == ulysses
+        assert out["bytes"][("ring", "t2v4", "even", False)] == ring
+
+
+def test_padding_must_be_masked(ranks):
+    """Control: attending to the padded keys (upstream Wan/xDiT) is visibly wrong on the same case."""
+    dit, kw = case_inputs("t2v4", "padded", False)
+    with torch.no_grad():
+        ref = dit(**kw)
+    assert (ranks[0]["unmasked"] - ref).abs().max().item() > 1e-3
+
+
+def test_fsdp_forward_equals_single_process_with_half_the_weights(ranks):
+    dit, kw = case_inputs("t2v4", "padded", False)
+    with torch.no_grad():
+        ref = dit(**kw)
+    for out in ranks:
+        assert (out["fsdp_forward"] - ref).abs().max().item() <= TOL
+        local, full = out["fsdp_forward_bytes"]
+        assert local <= 0.55 * full
+
+
+def test_distill_generation_sp2_equals_sp1(ranks, serial):
+    gen = ranks[0]["gen"]
+    assert ranks[1]["gen"] is None and ranks[1]["gen_denoise_only"] and not ranks[0]["gen_denoise_only"]
+    assert gen["nfe"] == serial.nfe == 4
+    assert (gen["latents"] - serial.latents).abs().max().item() <= TOL
+    assert gen["video"].shape == serial.video.shape == (3, 9, 48, 48)
+    assert (gen["video"] - serial.video).abs().max().item() <= 1e-4
+    assert ranks[0]["gen_steps"] == [("text", 1), ("dit", 1), ("dit", 2), ("dit", 3), ("dit", 4), ("vae", 1)]
+    assert ranks[1]["gen_steps"] == []  # progress is rank 0's
+    assert {"text", "broadcast", "dit", "vae", "total", "communication"} <= set(gen["timings"])
+
+
+def test_fsdp_generation_equals_sp1_and_shards_the_weights(ranks, serial):
+    assert (ranks[0]["gen_fsdp"]["latents"] - serial.latents).abs().max().item() <= TOL
+    for out in ranks:
+        local, full = out["gen_fsdp_bytes"]
+        assert local <= 0.55 * full
+        assert out["gen_bytes"][0] == out["gen_bytes"][1]  # without dit_fsdp every rank holds everything
+
+
+def test_request_errors_and_cancel_reach_every_rank(ranks, serial):
+    assert ranks[0]["request_error"] == ranks[1]["request_error"] == "prompt must not be empty"
+    assert ranks[0]["cancelled"] == ranks[1]["cancelled"] == "cancelled after step 2 of 4"
+    assert (ranks[0]["after"] - serial.latents).abs().max().item() <= TOL  # the group is still usable
+    assert ranks[0]["broken"] is None and ranks[1]["broken"] is None
+
+
+def test_cpu_path_imports_no_cuda_libraries(ranks):
+    for out in ranks:
+        assert out["modules"] == {"xfuser": False, "yunchang": False, "flash_attn": False}
