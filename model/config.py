@@ -361,8 +361,14 @@ class RunConfig(BaseModel):
     sample_guide_scale: float = Field(5.0, ge=0)
     enable_cfg: bool = True
     denoising_step_list: list[int] | None = None
-    # wanserve: how a distill step re-noises: LightX2V's deterministic Euler jump or Self-Forcing's fresh noise
-    renoise: Literal["deterministic", "fresh_noise"] = "deterministic"
+    # wanserve: how a distill step re-noises: LightX2V's deterministic Euler jump or Self-Forcing's fresh noise.
+    # None: the model class's own (wan2.1_distill: deterministic, as LightX2V; wan2.1_causvid: fresh_noise, as
+    # CausVid and Self-Forcing), see schedulers.make_sampler.
+    renoise: Literal["deterministic", "fresh_noise"] | None = None
+    # Self-Forcing/CausVid key: map denoising_step_list through the shifted grid (t -> 1000*shift(t/1000)).
+    # None: the model class's own (wan2.1_distill: true, as LightX2V; wan2.1_causvid: false, as CausVid's
+    # released configs and LightX2V's CausVid runner, whose list is already in model-timestep space).
+    warp_denoising_step: bool | None = None
     sample_neg_prompt: str = ""
     seed: int = Field(42, ge=0)
     fps: int = Field(16, gt=0, le=120)
@@ -383,7 +389,10 @@ class RunConfig(BaseModel):
     num_blocks: int = Field(7, gt=0)
     frame_seq_length: int | None = Field(None, gt=0)
     attention_window: int | None = Field(None, gt=0)  # latent frames kept in the CausVid cache
-    sink_frames: int = Field(0, ge=0)
+    sink_frames: int = Field(0, ge=0)  # first latent frames never evicted from a windowed cache
+    # wanserve: how fragment k+1 continues fragment k (model/causal.py): "cache" keeps the session's K/V cache
+    # (positions keep counting); "last_block" restarts it from the previous fragment's last block (LightX2V).
+    fragment_continuation: Literal["cache", "last_block"] = "cache"
 
     @field_validator("target_video_length")
     @classmethod
@@ -429,6 +438,21 @@ class RunConfig(BaseModel):
             if self.num_frames != self.num_frame_per_block * self.num_blocks:
                 raise ValueError(f"num_frames = {self.num_frames}: must equal num_frame_per_block*num_blocks "
                                  f"({self.num_frame_per_block}*{self.num_blocks})")
+            if latent_frames(self.target_video_length) != self.num_frames:
+                raise ValueError(f"target_video_length = {self.target_video_length}: is "
+                                 f"{latent_frames(self.target_video_length)} latent frames, but a CausVid fragment is "
+                                 f"num_frames = {self.num_frames} latent frames; set target_video_length = "
+                                 f"{VAE_TIME_STRIDE * (self.num_frames - 1) + 1}")
+            if self.fragment_continuation == "last_block" and self.num_blocks < 2:
+                raise ValueError(f"fragment_continuation = 'last_block' with num_blocks = {self.num_blocks}: a fragment "
+                                 "re-uses one block as context and needs at least one new block (num_blocks >= 2)")
+            if self.sink_frames and self.attention_window is None:
+                raise ValueError(f"sink_frames = {self.sink_frames}: needs attention_window (without a window nothing "
+                                 "is evicted, so there is nothing to keep a sink from)")
+            if self.attention_window is not None and self.attention_window < self.sink_frames + self.num_frame_per_block:
+                raise ValueError(f"attention_window = {self.attention_window}: must hold the sink and the block being "
+                                 f"generated, i.e. >= sink_frames + num_frame_per_block "
+                                 f"({self.sink_frames} + {self.num_frame_per_block})")
         return self
 
     # ---- derived values ----

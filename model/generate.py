@@ -59,15 +59,25 @@ def main(argv=None) -> int:
                 image = Image.open(args.image_path).convert("RGB")
             except OSError as e:
                 raise RequestError(f"cannot read image {args.image_path}: {e}") from None
-        pipe = WanPipeline.from_pretrained(args.model_path, cfg, device=args.device, lora_roots=roots)
-        bar = tqdm(total=cfg.steps, desc="denoise", unit="step")
+        bar = tqdm(desc="denoise", unit="step")
 
         def progress(p: Progress):
             if p.stage == "dit":
+                if p.step < bar.n or bar.total != p.total:  # a new fragment (CausVid) restarts the count
+                    bar.reset(total=p.total)
                 bar.update(p.step - bar.n)
 
-        result = pipe.generate(args.prompt, args.negative_prompt, image, args.seed, args.target_video_length,
-                               args.target_height, args.target_width, progress=progress)
+        if args.model_cls == "wan2.1_causvid":
+            if args.task != "t2v":
+                raise RequestError("CausVid generates text-to-video only (task t2v)")
+            from .causal_pipeline import CausVidPipeline
+            pipe = CausVidPipeline.from_pretrained(args.model_path, cfg, device=args.device, lora_roots=roots)
+            result = pipe.generate(args.prompt, args.seed, args.target_height, args.target_width,
+                                   progress=progress)
+        else:
+            pipe = WanPipeline.from_pretrained(args.model_path, cfg, device=args.device, lora_roots=roots)
+            result = pipe.generate(args.prompt, args.negative_prompt, image, args.seed, args.target_video_length,
+                                   args.target_height, args.target_width, progress=progress)
         bar.close()
         path = result.save(args.save_result_path)
     except (ConfigError, CheckpointError, RequestError, PathNotAllowed, FileNotFoundError) as e:

@@ -11,9 +11,10 @@ implies is x0 = x_σ − σ·v. The samplers differ only in which σ they visit 
   50 steps for T2V, 40 for I2V): multistep UniPC (order 2, B(h)=expm1, x0-prediction) with the UniC
   corrector. It reproduces Wan's σ grid and its int-truncated timesteps bit for bit, and Wan's float32
   arithmetic (see the class docstring).
-* `StepDistillScheduler` — LightX2V's `WanStepDistillScheduler` for 4-step distilled students: each
-  step predicts x0 and jumps to the next listed noise level, either re-noising with the model's own
-  noise estimate (LightX2V, deterministic) or with fresh Gaussian noise (Self-Forcing).
+* `StepDistillScheduler` — LightX2V's `WanStepDistillScheduler` for 4-step distilled students (and, per
+  block, for CausVid's 9-step list): each step predicts x0 and jumps to the next listed noise level,
+  either re-noising with the model's own noise estimate (LightX2V, deterministic) or with fresh Gaussian
+  noise (Self-Forcing, CausVid).
 * `EulerFlowScheduler` — the first-order ODE step x ← x + (σ_next − σ)·v, the reference the others are
   checked against and the integrator for teacher ODE trajectories.
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RENOISE_MODES = ("deterministic", "fresh_noise")
 DEFAULT_DISTILL_STEPS = (1000, 750, 500, 250)  # LightX2V / Self-Forcing 4-step list
+CAUSVID_STEPS = (999, 934, 862, 756, 603, 410, 250, 140, 74)  # LightX2V configs/causvid/wan_t2v_causvid.json
 
 
 @runtime_checkable
@@ -264,6 +266,8 @@ class StepDistillScheduler(_FlowSampler):
     timestep t picks grid index 1000 − t, i.e. σ = shift(t/1000). The DiT is fed σ·1000 as a float, not
     truncated: [1000, 750, 500, 250] with shift 5 gives t = 1000, 937.5, 833.33…, 625 (Self-Forcing's
     "warped" list). LightX2V builds the grid in float32; we build it in float64 (differences ~1e-7·σ).
+    With warp=False the list is taken as model timesteps already: σ = t/1000 and the DiT is fed t
+    (CausVid's released configs, and LightX2V's CausVid runner while it had one).
 
     Step i: x0 = x − σ_i·v, then
       deterministic (LightX2V): x_{i+1} = x0 + σ_{i+1}·v — the Euler jump, re-noised with the model's
@@ -273,7 +277,7 @@ class StepDistillScheduler(_FlowSampler):
     and the last step returns x0. Stateless between steps.
     """
 
-    def __init__(self, denoising_step_list, shift: float, renoise: str = "deterministic"):
+    def __init__(self, denoising_step_list, shift: float, renoise: str = "deterministic", warp: bool = True):
         shift = _check_shift(shift)
         steps = self._check_list(denoising_step_list)
         if renoise not in RENOISE_MODES:
@@ -281,9 +285,13 @@ class StepDistillScheduler(_FlowSampler):
         self.denoising_step_list = steps
         self.shift = shift
         self.renoise = renoise
+        self.warp = bool(warp)
 
-        grid = shift_sigma(_linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], shift)  # float64, σ(1000)=1 first
-        sig = grid[[NUM_TRAIN_TIMESTEPS - t for t in steps]]
+        if self.warp:
+            grid = shift_sigma(_linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1], shift)  # float64, σ(1000)=1 first
+            sig = grid[[NUM_TRAIN_TIMESTEPS - t for t in steps]]
+        else:
+            sig = torch.tensor(steps, dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
         self.timesteps = sig * NUM_TRAIN_TIMESTEPS
         self.sigmas = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
 
@@ -361,6 +369,8 @@ def make_sampler(cfg: RunConfig, task: str | None = None) -> Sampler:
     `wan2.1_distill` → the step-distill sampler over `denoising_step_list` (default [1000, 750, 500, 250])
     with `sample_shift` and `renoise`; so does `wan2.1` with LightX2V's extra key
     `"scheduler_type": "WanStepDistillScheduler"` (how LightX2V runs a base model with a distill LoRA).
+    `wan2.1_causvid` → the same sampler, run once per block (model/causal.py), over the CausVid list (default
+    [999, 934, …, 74]) unwarped and with fresh noise unless `warp_denoising_step` / `renoise` say otherwise.
     """
     task = task or cfg.task
     if task not in ("t2v", "i2v"):
@@ -369,12 +379,15 @@ def make_sampler(cfg: RunConfig, task: str | None = None) -> Sampler:
         cfg.model_cls == "wan2.1" and cfg.extras.get("scheduler_type") == "WanStepDistillScheduler")
     if distill:
         steps = cfg.denoising_step_list or list(DEFAULT_DISTILL_STEPS)
-        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise)
+        warp = True if cfg.warp_denoising_step is None else cfg.warp_denoising_step
+        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise or "deterministic", warp)
     if cfg.model_cls == "wan2.1":
         if cfg.denoising_step_list:
             log.warning("denoising_step_list is ignored for model_cls=wan2.1 (UniPC runs infer_steps=%d); "
                         "use model_cls=wan2.1_distill for a step-distilled model", cfg.infer_steps)
         return FlowUniPCScheduler(cfg.infer_steps, cfg.sample_shift)
     if cfg.model_cls == "wan2.1_causvid":
-        raise NotImplementedError("model_cls=wan2.1_causvid: the causal (block-wise) sampler is not implemented yet")
+        steps = cfg.denoising_step_list or list(CAUSVID_STEPS)
+        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise or "fresh_noise",
+                                    bool(cfg.warp_denoising_step))
     raise ValueError(f"model_cls = {cfg.model_cls!r}: no sampler for it")

@@ -334,8 +334,9 @@ def test_make_sampler():
     assert isinstance(s, StepDistillScheduler)
     assert isinstance(make_sampler(RunConfig(model_cls="wan2.1", denoising_step_list=[1000, 500])), FlowUniPCScheduler)
     assert isinstance(EulerFlowScheduler(2, 1.0), Sampler)
-    with pytest.raises(NotImplementedError, match="causvid"):
-        make_sampler(RunConfig(model_cls="wan2.1_causvid", enable_cfg=False))
+    # CausVid: the same sampler per block, over the CausVid list taken as model timesteps, fresh noise
+    s = make_sampler(RunConfig(model_cls="wan2.1_causvid", enable_cfg=False, sample_shift=8.0))
+    assert isinstance(s, StepDistillScheduler) and s.timesteps[0].item() == 999.0 and s.renoise == "fresh_noise"
     with pytest.raises(ValueError, match="task"):
         make_sampler(RunConfig(), "v2v")
 

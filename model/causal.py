@@ -1,0 +1,363 @@
+"""CausVid: the Wan2.1 DiT run block-causally over a per-layer K/V cache, so a video can keep growing.
+
+Why a module of its own: a CausVid-distilled Wan (LightX2V `wan2.1_causvid`, CausVid, Self-Forcing) has
+exactly the parameters of the base DiT (`WanModel`) but runs it differently. The video is generated in
+blocks of `num_frame_per_block` latent frames; a block is denoised in a few steps while it attends to the
+K/V of every earlier frame, kept in a cache, never recomputed. This module is that model side: the cache,
+the block forward, and the full-sequence forward under the block-causal mask that it must equal. The
+loop over blocks, fragments and sessions is `model/causal_pipeline.py`.
+
+Semantics, and the upstream code they come from (CausVid `causvid/models/wan/causal_inference.py`,
+Self-Forcing `wan/modules/causal_model.py`, LightX2V `networks/wan/infer/causvid/transformer_infer.py`):
+
+* Self-attention cache: per layer, keys *after* RoPE and raw values of every cached latent frame
+  (Self-Forcing and LightX2V store post-RoPE k: a cached key keeps the absolute position it was
+  computed at, whatever slot it lives in). A block forward first writes its own K/V into its slots,
+  then its queries attend to everything the cache holds, itself included: bidirectional inside the
+  block, causal across blocks. No mask is needed on this path.
+* Denoising step k of a block writes the same slots as step k-1 (overwrite, not append). After the last
+  step, the clean x0 is run once more at t = 0 and *those* K/V stay for later blocks (CausVid "rerun with
+  timestep zero to update the cache"; Self-Forcing `context_noise = 0`). LightX2V skips this pass and
+  leaves the last step's noisy K/V; we follow CausVid/Self-Forcing, whose checkpoints were trained so.
+* RoPE: a block's temporal rotation uses its *absolute* latent-frame index (`rope_freqs(.., frame_offset)`),
+  not its slot. Wan's tables cover `ROPE_MAX_POSITIONS` = 1024 positions: a cache that keeps counting
+  positions (`fragment_continuation = "cache"`) must stop before frame 1024 (~4093 video frames, 256 s at
+  16 fps) — the pipeline refuses a fragment that would cross it instead of failing in the middle
+  (Self-Forcing crashes there; Causal-Forcing's 3000-frame report).
+* Timesteps are per frame ([B, F]): a block forward gives every frame of the block the same t; the
+  full-sequence forward mixes clean context (t = 0) and noisy blocks in one call (`WanModel.time_embed`).
+* Cross-attention K/V depend only on the prompt: computed once per prompt (`CausalDiT.context_kv`) and
+  reused by every block and step; a new prompt replaces them and nothing else.
+* Bounded memory (Self-Forcing `local_attn_size` / `sink_size`): with `window` set the cache holds at most
+  `window` latent frames — the first `sink` frames for ever ("attention sink") and the most recent
+  `window - sink` frames, the block being written included. Older frames are evicted as a block advances,
+  so a block attends to the same number of keys and the cache has the same size from the moment the
+  window is full. Without a window every frame of the session is kept (LightX2V's infer class grows its
+  buffer the same way). Self-Forcing shifts the rolled region left on eviction; we use a ring over the
+  non-sink slots instead (frame f lives in slot sink + (f - sink) mod (window - sink)). The set of cached
+  frames is the same and attention does not depend on key order, so only float summation order differs.
+* The full-sequence forward (`CausalDiT.forward_full`; training, and the reference this cache must equal)
+  applies the same visibility as a mask: a query in the block ending at frame e sees key frame j iff
+  j < e and, with a window, j < sink or j >= e - (window - sink) (Self-Forcing
+  `_prepare_blockwise_causal_attn_mask`, plus the sink the rolling cache keeps).
+
+Sequence-parallel seam: every self-attention of a block forward goes through one function,
+`CausalDiT.attend(q, k, v, layer)` (default `cache_attention`). It writes the block's k/v into `layer` and
+attends q over the layer's cached keys. A sequence-parallel layout replaces that one function and keeps
+the cache sharded the way it shards K/V: Ulysses swaps tokens for heads (all-to-all) before calling it,
+so each rank caches *all tokens of its heads*; ring attention keeps tokens sharded, so each rank caches
+*its own token shard* of every frame and passes cached K/V around the ring. `LayerKV` takes its geometry
+(batch, tokens per frame, heads, head dim, dtype, device) from the first k it is given, so it serves
+both without change.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention
+from .dit import ROPE_MAX_POSITIONS, WanModel, rope_freqs
+
+__all__ = ["ROPE_MAX_POSITIONS", "KVCache", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
+           "tensor_bytes"]
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the tensors of a (nested) list/tuple; other entries count 0."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, (list, tuple)):
+        return sum(tensor_bytes(t) for t in tensors)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The self-attention K/V cache
+# --------------------------------------------------------------------------------------------------
+class KVCache:
+    """The self-attention K/V of one video, for every layer, in frame-granular slots.
+
+    Frame positions are absolute latent-frame indices counted from the last `reset()` (which is also the
+    RoPE position the pipeline gives a block). `begin(start, frames)` declares the block the next forward
+    writes: either the current block again (another denoising step, or the clean pass) or the block right
+    after it. Each layer's `LayerKV` then writes and reads accordingly.
+
+    window=None: every frame is kept; the buffers grow to `reserve()`d capacity (reallocated and copied,
+    so reserve a whole fragment at once). window=W: the buffers hold W frames, allocated once; frames
+    [0, sink) are never evicted, the other W - sink slots are a ring over the most recent frames.
+    """
+
+    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0):
+        if window is not None and (window < 1 or not 0 <= sink < window):
+            raise ValueError(f"window = {window}, sink = {sink}: need window >= 1 and 0 <= sink < window")
+        if window is None and sink:
+            raise ValueError(f"sink = {sink}: a sink only means something with a window (nothing is evicted without)")
+        self.window, self.sink = window, sink
+        self.layers = [LayerKV(self) for _ in range(num_layers)]
+        self.capacity = window or 0  # frames the buffers hold
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame. Buffers are kept (nothing stale is ever read: reads stop at `held`)."""
+        self.end = 0  # frames [0, end) have been written
+        self.block: tuple[int, int] | None = None  # (start, frames) of the block being written
+
+    # ---- geometry --------------------------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        """Frames a query attends to (the cached frames, the current block included)."""
+        return self.end if self.window is None else min(self.end, self.window)
+
+    @property
+    def first_frame(self) -> int:
+        """Absolute index of the oldest frame held outside the sink."""
+        return 0 if self.window is None else max(self.sink, self.end - (self.window - self.sink))
+
+    def slot(self, frame: int) -> int:
+        if self.window is None or frame < self.sink:
+            return frame
+        return self.sink + (frame - self.sink) % (self.window - self.sink)
+
+    def runs(self, start: int, frames: int) -> list[tuple[int, int, int]]:
+        """(first slot, first frame offset in the block, frames) for the contiguous slot runs of a block."""
+        out: list[tuple[int, int, int]] = []
+        for j in range(frames):
+            s = self.slot(start + j)
+            if out and out[-1][0] + out[-1][2] == s:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+            else:
+                out.append((s, j, 1))
+        return out
+
+    def reserve(self, frames: int) -> None:
+        """Grow an unwindowed cache to hold `frames` frames (a no-op with a window: its size is fixed)."""
+        if self.window is None and frames > self.capacity:
+            self.capacity = frames
+
+    def begin(self, start: int, frames: int) -> None:
+        """The next forward writes frames [start, start+frames): the current block again, or the next one."""
+        if self.block == (start, frames):
+            return  # a further denoising step / the clean pass of the same block: overwrite its slots
+        if start != self.end:
+            where = f"the current block starts at frame {self.block[0]}" if self.block else "the cache is empty"
+            raise ValueError(f"cache: a block at frame {start} neither rewrites the current block nor follows "
+                             f"frame {self.end} ({where}); blocks must come in order")
+        if self.window is not None and frames > self.window - self.sink:
+            raise ValueError(f"cache: a block of {frames} frames does not fit a window of {self.window} frames "
+                             f"with {self.sink} sink frames")
+        self.block = (start, frames)
+        self.end = start + frames
+        if self.window is None:
+            self.capacity = max(self.capacity, self.end)
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def to(self, device: str | torch.device) -> "KVCache":
+        for layer in self.layers:
+            layer.to(device)
+        return self
+
+
+class LayerKV:
+    """One layer's K/V buffers [B, capacity x tokens_per_frame, H, D], allocated from the first k written."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.frame_tokens = 0
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the current block's post-RoPE k and raw v ([B, block tokens, H, D]) in its slots."""
+        c = self.cache
+        if c.block is None:
+            raise RuntimeError("cache: write before begin(); the block forward declares its frames first")
+        start, frames = c.block
+        if k.shape != v.shape or k.dim() != 4 or k.shape[1] % frames:
+            raise ValueError(f"cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, tokens, H, D] with "
+                             f"tokens a multiple of the block's {frames} frames")
+        ft = k.shape[1] // frames
+        self._ensure(k, ft)
+        for slot, j, n in c.runs(start, frames):
+            self.k[:, slot * ft:(slot + n) * ft] = k[:, j * ft:(j + n) * ft]
+            self.v[:, slot * ft:(slot + n) * ft] = v[:, j * ft:(j + n) * ft]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached key/value a query of the current block sees (slot order; attention ignores order)."""
+        n = self.cache.held * self.frame_tokens
+        return self.k[:, :n], self.v[:, :n]
+
+    def _ensure(self, k: torch.Tensor, ft: int) -> None:
+        cap = self.cache.capacity * ft
+        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
+        if self.k is not None:
+            have = (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.frame_tokens)
+            if have != (shape[0], shape[2], shape[3], ft):
+                raise ValueError(f"cache: block k {tuple(k.shape)} does not match the cache's geometry "
+                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; "
+                                 f"{self.frame_tokens} tokens per frame); one cache per video size")
+            if self.k.dtype != k.dtype or self.k.device != k.device:
+                raise ValueError(f"cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
+                                 f"{k.device}; move the session with .to() first")
+            if self.k.shape[1] >= cap:
+                return
+        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        if self.k is not None:  # grow: keep what is there
+            n = self.k.shape[1]
+            new_k[:, :n], new_v[:, :n] = self.k, self.v
+        self.k, self.v, self.frame_tokens = new_k, new_v, ft
+
+    def nbytes(self) -> int:
+        return tensor_bytes([self.k, self.v])
+
+    def to(self, device: str | torch.device) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.to(device), self.v.to(device)
+
+
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV) -> torch.Tensor:
+    """The block's self-attention over the cache: write the block's k/v into `layer`, attend q over all of it.
+
+    q, k: post-RoPE, v raw, [B, block tokens, H, D]. The sequence-parallel seam (module docstring): a
+    parallel layout swaps this function for one that shards the cache as it shards K/V.
+    """
+    layer.write(k, v)
+    keys, values = layer.view()
+    return attention(q, keys, values)
+
+
+# --------------------------------------------------------------------------------------------------
+# The block-causal mask (full-sequence path)
+# --------------------------------------------------------------------------------------------------
+def block_causal_mask(frames: int, block_frames: int, window: int | None = None, sink: int = 0) -> torch.Tensor:
+    """bool [frames, frames]: may query frame i see key frame j (blocks of `block_frames` from frame 0)?
+
+    j < end of i's block, and with a window also (j < sink or j >= end - (window - sink)): exactly the
+    frames `KVCache` holds when that block is written.
+    """
+    if frames < 1 or block_frames < 1:
+        raise ValueError(f"frames = {frames}, block_frames = {block_frames}: both must be >= 1")
+    idx = torch.arange(frames)
+    end = (idx // block_frames + 1) * block_frames
+    key = idx[None, :]
+    mask = key < end[:, None]
+    if window is not None:
+        mask &= (key < sink) | (key >= end[:, None] - (window - sink))
+    return mask
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA on [B, L, H, D] with a bool [Lq, Lk] mask (True = attend)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask[None, None])
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The causal DiT
+# --------------------------------------------------------------------------------------------------
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LayerKV], torch.Tensor]
+
+
+class CausalDiT:
+    """A `WanModel` run block by block over a `KVCache` (inference), or whole under the block-causal mask.
+
+    Holds no state of any video: caches belong to the caller (one per session), so one model serves many.
+    block_frames, window, sink: `num_frame_per_block`, `attention_window`, `sink_frames` of the config.
+    """
+
+    def __init__(self, dit: WanModel, block_frames: int, window: int | None = None, sink: int = 0):
+        if dit.arch.is_i2v:
+            raise ValueError("CausVid runs text-to-video DiTs only (LightX2V ships T2V CausVid only); this DiT is i2v")
+        if block_frames < 1:
+            raise ValueError(f"block_frames = {block_frames}: must be >= 1")
+        if window is not None and window < sink + block_frames:
+            raise ValueError(f"window = {window}: must hold the sink ({sink}) and a block ({block_frames}) frames")
+        self.dit, self.block_frames, self.window, self.sink = dit, block_frames, window, sink
+        self.attend: AttendFn = cache_attention
+        self._freqs: tuple | None = None  # (grid, frame offset, device, freqs) of the last block
+
+    @property
+    def arch(self):
+        return self.dit.arch
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.arch.num_layers, self.window, self.sink)
+
+    def context_kv(self, context: torch.Tensor) -> list:
+        """Per-layer cross-attention K/V of a text context [B, <=text_len, text_dim]: the per-prompt cache."""
+        return self.dit.context_kv(self.dit.embed_context(context, None))
+
+    def _rope(self, grid, frame_offset: int, device) -> torch.Tensor:
+        """RoPE of a block; the steps of one block share it (LightX2V caches it per chunk too)."""
+        key, cached = (grid, frame_offset, device), self._freqs
+        if cached is None or cached[0] != key:
+            cached = (key, rope_freqs(self.dit.rope_tables(), grid, frame_offset).to(device))
+            self._freqs = cached
+        return cached[1]
+
+    def forward_block(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, cache: KVCache, context_kv: list,
+                      output: bool = True) -> torch.Tensor | None:
+        """One block: x [B, C, f, H, W] latents at absolute latent frame `frame_start`, t [B] or [B, f].
+
+        Writes the block's K/V into `cache` (overwriting the block's slots if it is the block being written)
+        and returns the flow [B, C, f, H, W]; output=False skips the head (the clean cache-filling pass).
+        """
+        dit = self.dit
+        if dit.layout.sharded:
+            raise NotImplementedError("CausVid under sequence parallelism needs a sharded cache attention (issue 8 "
+                                      "point 3); run the causal DiT with the local layout")
+        if x.dim() != 5:
+            raise ValueError(f"block latents must be [B, C, f, H, W]; got {tuple(x.shape)}")
+        f = x.shape[2]
+        if frame_start < 0 or frame_start + f > ROPE_MAX_POSITIONS:
+            raise ValueError(f"block at latent frames [{frame_start}, {frame_start + f}): RoPE covers frames "
+                             f"[0, {ROPE_MAX_POSITIONS}) only")
+        tokens, grid = dit.patchify(x)
+        freqs = self._rope(grid, frame_start, tokens.device)
+        e, e0 = dit.time_embed(_per_frame(t, x.shape[0], f).to(tokens.device))
+        e, e0 = dit.per_token(e, grid), dit.per_token(e0, grid)
+        cache.begin(frame_start, grid[0])
+        for blk, kv, layer in zip(dit.blocks, context_kv, cache.layers, strict=True):
+            tokens = blk(tokens, e0, freqs, kv, lambda q, k, v, layer=layer: self.attend(q, k, v, layer))
+        if not output:
+            return None
+        return dit.unpatchify(dit.head(tokens, e).float(), grid)
+
+    def forward_full(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The whole sequence in one forward under the block-causal mask (training; the cache's reference).
+
+        x [B, C, F, H, W] from latent frame 0; t [B, F] per-frame timesteps (e.g. 0 for clean context,
+        the step's t for noisy blocks); context [B, Lt, text_dim]. Memory: a dense [L, L] mask.
+        """
+        dit = self.dit
+        if dit.layout.sharded:
+            raise NotImplementedError("the block-causal full-sequence forward runs with the local layout only")
+        tokens, grid = dit.patchify(x)
+        f, h, w = grid
+        freqs = rope_freqs(dit.rope_tables(), grid, 0).to(tokens.device)
+        e, e0 = dit.time_embed(_per_frame(t, x.shape[0], f).to(tokens.device))
+        e, e0 = dit.per_token(e, grid), dit.per_token(e0, grid)
+        kv = self.context_kv(context)
+        frame_mask = block_causal_mask(f, self.block_frames, self.window, self.sink)
+        mask = frame_mask.repeat_interleave(h * w, 0).repeat_interleave(h * w, 1).to(tokens.device)
+        for blk, blk_kv in zip(dit.blocks, kv):
+            tokens = blk(tokens, e0, freqs, blk_kv, lambda q, k, v: masked_attention(q, k, v, mask))
+        return dit.unpatchify(dit.head(tokens, e).float(), grid)
+
+
+def _per_frame(t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """t as [B, frames]: a scalar or [B] is one timestep for every frame."""
+    t = torch.as_tensor(t)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() == 1:
+        t = t[:, None].expand(-1, frames)
+    if t.shape != (batch, frames):
+        raise ValueError(f"timesteps must be a scalar, [B] or [B, frames] = [{batch}, {frames}]; got {tuple(t.shape)}")
+    return t
