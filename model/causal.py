@@ -41,14 +41,19 @@ Self-Forcing `wan/modules/causal_model.py`, LightX2V `networks/wan/infer/causvid
   j < e and, with a window, j < sink or j >= e - (window - sink) (Self-Forcing
   `_prepare_blockwise_causal_attn_mask`, plus the sink the rolling cache keeps).
 
-Sequence-parallel seam: every self-attention of a block forward goes through one function,
-`CausalDiT.attend(q, k, v, layer)` (default `cache_attention`). It writes the block's k/v into `layer` and
-attends q over the layer's cached keys. A sequence-parallel layout replaces that one function and keeps
-the cache sharded the way it shards K/V: Ulysses swaps tokens for heads (all-to-all) before calling it,
-so each rank caches *all tokens of its heads*; ring attention keeps tokens sharded, so each rank caches
-*its own token shard* of every frame and passes cached K/V around the ring. `LayerKV` takes its geometry
-(batch, tokens per frame, heads, head dim, dtype, device) from the first k it is given, so it serves
-both without change.
+Sequence-parallel seam: a block forward shards its tokens with the DiT's `TokenLayout` exactly as the
+bidirectional forward does (pad to a multiple of the SP size, a contiguous chunk per rank; RoPE rotations
+computed for the whole block at its absolute frame offset, then sharded the same way; the head's output
+gathered). Every self-attention of a block forward goes through one function, `CausalDiT.attend(q, k, v,
+layer)` (default `cache_attention`), and every cache comes from `CausalDiT.cache_factory`. A
+sequence-parallel layout replaces the two together (`CausalDiT.use_attention`; parallel/causal.py) and keeps
+the cache sharded the way it shards K/V: Ulysses swaps tokens for heads (all-to-all) before writing, so each
+rank caches *all tokens of its heads* in a `KVCache` as above; ring attention keeps tokens sharded, so each
+rank caches *its own token chunk* of every block and passes cached K/V around the ring. `LayerKV` takes its
+geometry (batch, tokens per frame, heads, head dim, dtype, device) from the first k it is given, so it
+serves one process and Ulysses alike; `KVCache.layer_cls` lets the ring cache bring its own layer type
+while keeping this class's frame bookkeeping (so eviction and the sink are decided by the same code on
+every rank).
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ from .attention import attention
 from .dit import ROPE_MAX_POSITIONS, WanModel, rope_freqs
 
 __all__ = ["ROPE_MAX_POSITIONS", "KVCache", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
-           "tensor_bytes"]
+           "tensor_bytes", "CacheFactory", "local_cache"]
 
 
 def tensor_bytes(tensors) -> int:
@@ -76,6 +81,64 @@ def tensor_bytes(tensors) -> int:
 # --------------------------------------------------------------------------------------------------
 # The self-attention K/V cache
 # --------------------------------------------------------------------------------------------------
+class LayerKV:
+    """One layer's K/V buffers [B, capacity x tokens_per_frame, H, D], allocated from the first k written."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.frame_tokens = 0
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the current block's post-RoPE k and raw v ([B, block tokens, H, D]) in its slots."""
+        c = self.cache
+        if c.block is None:
+            raise RuntimeError("cache: write before begin(); the block forward declares its frames first")
+        start, frames = c.block
+        if k.shape != v.shape or k.dim() != 4 or k.shape[1] % frames:
+            raise ValueError(f"cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, tokens, H, D] with "
+                             f"tokens a multiple of the block's {frames} frames")
+        ft = k.shape[1] // frames
+        self._ensure(k, ft)
+        for slot, j, n in c.runs(start, frames):
+            self.k[:, slot * ft:(slot + n) * ft] = k[:, j * ft:(j + n) * ft]
+            self.v[:, slot * ft:(slot + n) * ft] = v[:, j * ft:(j + n) * ft]
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached key/value a query of the current block sees (slot order; attention ignores order)."""
+        n = self.cache.held * self.frame_tokens
+        return self.k[:, :n], self.v[:, :n]
+
+    def _ensure(self, k: torch.Tensor, ft: int) -> None:
+        cap = self.cache.capacity * ft
+        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
+        if self.k is not None:
+            have = (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.frame_tokens)
+            if have != (shape[0], shape[2], shape[3], ft):
+                raise ValueError(f"cache: block k {tuple(k.shape)} does not match the cache's geometry "
+                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; "
+                                 f"{self.frame_tokens} tokens per frame); one cache per video size")
+            if self.k.dtype != k.dtype or self.k.device != k.device:
+                raise ValueError(f"cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
+                                 f"{k.device}; move the session with .to() first")
+            if self.k.shape[1] >= cap:
+                return
+        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        if self.k is not None:  # grow: keep what is there
+            n = self.k.shape[1]
+            new_k[:, :n], new_v[:, :n] = self.k, self.v
+        self.k, self.v, self.frame_tokens = new_k, new_v, ft
+
+    def nbytes(self) -> int:
+        return tensor_bytes([self.k, self.v])
+
+    def to(self, device: str | torch.device, copy: bool = False) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
+
+
 class KVCache:
     """The self-attention K/V of one video, for every layer, in frame-granular slots.
 
@@ -89,13 +152,15 @@ class KVCache:
     [0, sink) are never evicted, the other W - sink slots are a ring over the most recent frames.
     """
 
+    layer_cls = LayerKV  # the ring cache (parallel/causal.py) brings its own
+
     def __init__(self, num_layers: int, window: int | None = None, sink: int = 0):
         if window is not None and (window < 1 or not 0 <= sink < window):
             raise ValueError(f"window = {window}, sink = {sink}: need window >= 1 and 0 <= sink < window")
         if window is None and sink:
             raise ValueError(f"sink = {sink}: a sink only means something with a window (nothing is evicted without)")
         self.window, self.sink = window, sink
-        self.layers = [LayerKV(self) for _ in range(num_layers)]
+        self.layers = [self.layer_cls(self) for _ in range(num_layers)]
         self.capacity = window or 0  # frames the buffers hold
         self.reset()
 
@@ -156,68 +221,13 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def to(self, device: str | torch.device) -> "KVCache":
+    def to(self, device: str | torch.device, copy: bool = False) -> "KVCache":
+        """Move every layer's buffers; copy=True copies even to the same device (a fresh allocation)."""
         for layer in self.layers:
-            layer.to(device)
+            layer.to(device, copy)
         return self
 
 
-class LayerKV:
-    """One layer's K/V buffers [B, capacity x tokens_per_frame, H, D], allocated from the first k written."""
-
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.frame_tokens = 0
-
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the current block's post-RoPE k and raw v ([B, block tokens, H, D]) in its slots."""
-        c = self.cache
-        if c.block is None:
-            raise RuntimeError("cache: write before begin(); the block forward declares its frames first")
-        start, frames = c.block
-        if k.shape != v.shape or k.dim() != 4 or k.shape[1] % frames:
-            raise ValueError(f"cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, tokens, H, D] with "
-                             f"tokens a multiple of the block's {frames} frames")
-        ft = k.shape[1] // frames
-        self._ensure(k, ft)
-        for slot, j, n in c.runs(start, frames):
-            self.k[:, slot * ft:(slot + n) * ft] = k[:, j * ft:(j + n) * ft]
-            self.v[:, slot * ft:(slot + n) * ft] = v[:, j * ft:(j + n) * ft]
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached key/value a query of the current block sees (slot order; attention ignores order)."""
-        n = self.cache.held * self.frame_tokens
-        return self.k[:, :n], self.v[:, :n]
-
-    def _ensure(self, k: torch.Tensor, ft: int) -> None:
-        cap = self.cache.capacity * ft
-        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
-        if self.k is not None:
-            have = (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.frame_tokens)
-            if have != (shape[0], shape[2], shape[3], ft):
-                raise ValueError(f"cache: block k {tuple(k.shape)} does not match the cache's geometry "
-                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; "
-                                 f"{self.frame_tokens} tokens per frame); one cache per video size")
-            if self.k.dtype != k.dtype or self.k.device != k.device:
-                raise ValueError(f"cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
-                                 f"{k.device}; move the session with .to() first")
-            if self.k.shape[1] >= cap:
-                return
-        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
-        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
-        if self.k is not None:  # grow: keep what is there
-            n = self.k.shape[1]
-            new_k[:, :n], new_v[:, :n] = self.k, self.v
-        self.k, self.v, self.frame_tokens = new_k, new_v, ft
-
-    def nbytes(self) -> int:
-        return tensor_bytes([self.k, self.v])
-
-    def to(self, device: str | torch.device) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k.to(device), self.v.to(device)
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV) -> torch.Tensor:
@@ -262,6 +272,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 # The causal DiT
 # --------------------------------------------------------------------------------------------------
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LayerKV], torch.Tensor]
+CacheFactory = Callable[[int, "int | None", int, int], KVCache]  # (layers, window, sink, block frames) -> cache
+
+
+def local_cache(num_layers: int, window: int | None, sink: int, block_frames: int) -> KVCache:
+    """The one-process cache (also what each Ulysses rank holds: all tokens, its heads)."""
+    return KVCache(num_layers, window, sink)
 
 
 class CausalDiT:
@@ -280,24 +296,34 @@ class CausalDiT:
             raise ValueError(f"window = {window}: must hold the sink ({sink}) and a block ({block_frames}) frames")
         self.dit, self.block_frames, self.window, self.sink = dit, block_frames, window, sink
         self.attend: AttendFn = cache_attention
-        self._freqs: tuple | None = None  # (grid, frame offset, device, freqs) of the last block
+        self.cache_factory: CacheFactory = local_cache
+        self._freqs: tuple | None = None  # (grid, frame offset, device, layout, this rank's freqs) of the last block
 
     @property
     def arch(self):
         return self.dit.arch
 
+    def use_attention(self, attend: AttendFn, cache_factory: CacheFactory) -> "CausalDiT":
+        """Swap the cache attention and the cache type together (a sequence-parallel layout does both)."""
+        self.attend, self.cache_factory = attend, cache_factory
+        return self
+
     def new_cache(self) -> KVCache:
-        return KVCache(self.arch.num_layers, self.window, self.sink)
+        return self.cache_factory(self.arch.num_layers, self.window, self.sink, self.block_frames)
 
     def context_kv(self, context: torch.Tensor) -> list:
         """Per-layer cross-attention K/V of a text context [B, <=text_len, text_dim]: the per-prompt cache."""
         return self.dit.context_kv(self.dit.embed_context(context, None))
 
     def _rope(self, grid, frame_offset: int, device) -> torch.Tensor:
-        """RoPE of a block; the steps of one block share it (LightX2V caches it per chunk too)."""
-        key, cached = (grid, frame_offset, device), self._freqs
+        """This rank's RoPE rows of a block: the whole block's rotations at its absolute frame offset, sharded like
+        the tokens (every rank rotates its tokens with their global positions). The steps of one block share it
+        (LightX2V caches it per chunk too)."""
+        layout = self.dit.layout
+        key, cached = (grid, frame_offset, device, layout), self._freqs
         if cached is None or cached[0] != key:
-            cached = (key, rope_freqs(self.dit.rope_tables(), grid, frame_offset).to(device))
+            freqs = rope_freqs(self.dit.rope_tables(), grid, frame_offset).to(device)
+            cached = (key, layout.shard(freqs[None])[0])
             self._freqs = cached
         return cached[1]
 
@@ -307,11 +333,14 @@ class CausalDiT:
 
         Writes the block's K/V into `cache` (overwriting the block's slots if it is the block being written)
         and returns the flow [B, C, f, H, W]; output=False skips the head (the clean cache-filling pass).
+        Under a sharded layout every rank of the SP group calls this together with the same x and t; each
+        keeps its share of the K/V in its own `cache`, and each gets the whole flow back.
         """
         dit = self.dit
-        if dit.layout.sharded:
-            raise NotImplementedError("CausVid under sequence parallelism needs a sharded cache attention (issue 8 "
-                                      "point 3); run the causal DiT with the local layout")
+        layout = dit.layout
+        if layout.sharded and self.attend is cache_attention:
+            raise NotImplementedError("CausVid under sequence parallelism needs the sharded cache attention: attach it "
+                                      "with parallel.causal.attach(causal, layout)")
         if x.dim() != 5:
             raise ValueError(f"block latents must be [B, C, f, H, W]; got {tuple(x.shape)}")
         f = x.shape[2]
@@ -319,15 +348,20 @@ class CausalDiT:
             raise ValueError(f"block at latent frames [{frame_start}, {frame_start + f}): RoPE covers frames "
                              f"[0, {ROPE_MAX_POSITIONS}) only")
         tokens, grid = dit.patchify(x)
+        length = tokens.shape[1]
         freqs = self._rope(grid, frame_start, tokens.device)
         e, e0 = dit.time_embed(_per_frame(t, x.shape[0], f).to(tokens.device))
         e, e0 = dit.per_token(e, grid), dit.per_token(e0, grid)
+        tokens = layout.shard(tokens)  # records the block's global length (the padding the attention masks)
+        if e.shape[1] > 1:
+            e, e0 = layout.shard(e), layout.shard(e0)
         cache.begin(frame_start, grid[0])
         for blk, kv, layer in zip(dit.blocks, context_kv, cache.layers, strict=True):
             tokens = blk(tokens, e0, freqs, kv, lambda q, k, v, layer=layer: self.attend(q, k, v, layer))
         if not output:
             return None
-        return dit.unpatchify(dit.head(tokens, e).float(), grid)
+        out = layout.gather(dit.head(tokens, e).float(), length)
+        return dit.unpatchify(out, grid)
 
     def forward_full(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The whole sequence in one forward under the block-causal mask (training; the cache's reference).

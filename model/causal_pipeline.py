@@ -45,6 +45,15 @@ the blocks of an interrupted fragment, nothing at a fragment boundary). Each of 
 the inputs it saw the first time, so the rebuilt session equals the original bit for bit (same device,
 dtype and kernels) and its next fragment is the one the original would have produced. Cost: one DiT
 forward per replayed block (1/(steps+1) of generating it) and one VAE decode of the video so far.
+
+Sequence parallelism (parallel/causal_runner.py drives it): every rank of the SP group holds a
+`CausalSession` of the same video and runs the same calls in lockstep; the DiT's layout shards each block
+forward and each rank's cache holds its share (parallel/causal.py). Ranks other than 0 load the pipeline
+`denoise_only` (no text encoder, no VAE): they get the prompt's umT5 context from rank 0 (the runner puts a
+broadcasting encoder in `text_encoder`) and keep no decoder, frames or video (their `next_fragment` returns
+None). Noise is not broadcast: every rank's session seeds the same two generators and draws the same numbers
+in the same order, so the noise is identical everywhere for free (and survives cancel, offload and restore
+the same way as on one process).
 """
 from __future__ import annotations
 
@@ -79,7 +88,7 @@ class BlockOutput:
     block: int  # block index in the session (0-based)
     latent_start: int  # first latent frame of the block in the session's video
     frame_start: int  # first video frame of the block in the session's video
-    video: torch.Tensor  # [3, T, H, W] float32 in [-1, 1], CPU: the block's decoded frames
+    video: torch.Tensor | None  # [3, T, H, W] float32 in [-1, 1], CPU: the block's decoded frames (None: no decoder)
     latents: torch.Tensor  # [z, f, h, w] float32, CPU
 
 
@@ -90,9 +99,12 @@ def check_causvid(cfg: RunConfig, arch) -> None:
     if cfg.task != "t2v" or arch.is_i2v:
         raise ConfigError("CausVid is text-to-video only (as in LightX2V): use task = 't2v' with a T2V model; "
                           "image-to-video needs model_cls wan2.1 or wan2.1_distill")
-    if cfg.parallel is not None and cfg.parallel.seq_p_size > 1:
-        raise ConfigError(f"parallel.seq_p_size = {cfg.parallel.seq_p_size}: CausVid runs on one GPU per session "
-                          "for now (its cache is not sharded yet)")
+    if cfg.parallel is not None and cfg.parallel.cfg_p_size > 1:
+        raise ConfigError(f"parallel.cfg_p_size = {cfg.parallel.cfg_p_size}: CausVid runs without CFG (one branch), so "
+                          "there is nothing to split; use seq_p_size for more GPUs per session")
+    if cfg.parallel is not None and cfg.parallel.dit_fsdp:
+        raise ConfigError("parallel.dit_fsdp with CausVid is not supported: a block forward calls the DiT's embeddings "
+                          "and head outside WanModel.forward, where FSDP2 does not unshard them")
     cfg.check_arch(arch)
 
 
@@ -109,12 +121,18 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 class CausVidPipeline:
-    """A loaded CausVid model: the causal DiT, the text encoder, the VAE and the per-block sampler."""
+    """A loaded CausVid model: the causal DiT, the text encoder, the VAE and the per-block sampler.
 
-    def __init__(self, dit: WanModel, text_encoder: TextEncoder, vae: WanVAE, cfg: RunConfig,
+    text_encoder and vae None: a denoise-only pipeline (ranks > 0 of a sequence-parallel group; see the
+    module docstring). Its sessions decode nothing, and it encodes prompts only through an encoder put in
+    `text_encoder` by the parallel runner.
+    """
+
+    def __init__(self, dit: WanModel, text_encoder: TextEncoder | None, vae: WanVAE | None, cfg: RunConfig,
                  device: str | torch.device = "cpu"):
         check_causvid(cfg, dit.arch)
         self.dit, self.text_encoder, self.vae, self.cfg = dit, text_encoder, vae, cfg
+        self.denoise_only = text_encoder is None and vae is None
         self.device = torch.device(device)
         self.arch = dit.arch
         self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames)
@@ -122,15 +140,18 @@ class CausVidPipeline:
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, cfg: RunConfig, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None) -> "CausVidPipeline":
+                        dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None,
+                        denoise_only: bool = False) -> "CausVidPipeline":
         """`<model_path>/causvid_models/causal_model.{safetensors,pt}` (or `dit_original_ckpt`; with lora_configs
-        the base DiT plus LoRAs, as LightX2V), the base folder's T5 and VAE."""
+        the base DiT plus LoRAs, as LightX2V), the base folder's T5 and VAE (not with denoise_only)."""
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
         folder = ModelFolder.open(model_path)
         check_causvid(cfg, read_dit_arch(folder))  # before loading gigabytes
         archs = component_archs(folder)
         dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
+        if denoise_only:
+            return cls(dit, None, None, cfg, device)
         text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
                                 device=device)
         vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
@@ -164,6 +185,9 @@ class CausVidPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """umT5 context [1, text_len, dim] float32 on the pipeline's device."""
+        if self.text_encoder is None:
+            raise RuntimeError("this CausVid pipeline was loaded denoise_only (no text encoder); under sequence "
+                               "parallelism rank 0 encodes and the runner shares the context")
         ctx, _ = self.text_encoder.encode([_check_prompt(prompt)])
         return ctx[:1].to(self.device)
 
@@ -202,8 +226,9 @@ class CausVidPipeline:
             for k, v in session.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
         timings["total"] = time.perf_counter() - t0
-        return Generation(torch.cat(videos, dim=1), session.latents(), session.seed, session.nfe, timings,
-                          fps=self.cfg.fps)
+        latents = session.latents()
+        session.release()  # a throwaway session: free its caches now
+        return Generation(torch.cat(videos, dim=1), latents, session.seed, session.nfe, timings, fps=self.cfg.fps)
 
 
 class CausalSession:
@@ -221,14 +246,14 @@ class CausalSession:
         self.prompt = prompt
         self.cache = pipe.causal.new_cache()  # self-attention K/V
         self._ctx_kv: list | None = None  # cross-attention K/V of self.prompt, per layer
-        self._decoder = pipe.vae.stream_decoder()
+        self._decoder = pipe.vae.stream_decoder() if pipe.vae is not None else None  # None: a rank > 0 of an SP group
         self._noise_gen = torch.Generator("cpu").manual_seed(seed)  # block noise
         self._step_gen = torch.Generator("cpu").manual_seed(seed + 1)  # fresh-noise re-noising
         self._prompts = [prompt]  # every prompt used, in order of first use
         self._block_prompt: list[int] = []  # per finished block: index into _prompts
         self._anchor_prompt: int | None = None  # "last_block": prompt of the current fragment's re-anchor pass
         self._latents: list[torch.Tensor] = []  # per finished block: clean latents [z, f, h, w], CPU float32
-        self._frames: list[np.ndarray] = []  # per finished block: decoded frames uint8 [T, H, W, 3]
+        self._frames: list[np.ndarray] = []  # per finished block: decoded frames uint8 [T, H, W, 3] (decoding ranks)
         self.fragments = 0  # finished fragments
         self._partial = 0  # finished blocks of an interrupted fragment
         self._pos = 0  # RoPE frame of the next block
@@ -241,13 +266,19 @@ class CausalSession:
         return len(self._latents)
 
     @property
+    def partial_blocks(self) -> int:
+        """Finished blocks of an interrupted (cancelled) fragment; the next `next_fragment` makes the rest."""
+        return self._partial
+
+    @property
     def latent_frames(self) -> int:
         return self.blocks * self.block_frames
 
     @property
     def frames(self) -> int:
-        """Video frames so far (1 + 4·(latent frames − 1) once there is a block)."""
-        return sum(len(f) for f in self._frames)
+        """Video frames so far: 1 + 4·(latent frames − 1) once there is a block (the streaming decoder's count;
+        also right on ranks that decode nothing)."""
+        return 1 + 4 * (self.latent_frames - 1) if self._latents else 0
 
     def latents(self) -> torch.Tensor:
         """[z, latent frames, h, w] float32, CPU."""
@@ -260,6 +291,11 @@ class CausalSession:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         return np.concatenate(self._frames)
 
+    def decoded_blocks(self, start: int = 0, end: int | None = None) -> list[np.ndarray]:
+        """Decoded frames of blocks [start, end) (session block indices), uint8 [T, H, W, 3] each. Safe to call
+        from another thread while a fragment is generated: it sees the blocks finished so far."""
+        return list(self._frames[start:end])
+
     def save(self, path: str | Path) -> Path:
         return write_mp4(path, self.video(), fps=self.pipe.cfg.fps)
 
@@ -270,18 +306,34 @@ class CausalSession:
     def memory_bytes(self) -> dict[str, int]:
         """Everything the session holds: caches and decoder state (on `self.device`), latents and frames (CPU)."""
         return {"kv_cache": self.cache.nbytes(), "cross_attention": tensor_bytes(self._ctx_kv),
-                "decoder": tensor_bytes(self._decoder.feat_cache), "latents": tensor_bytes(self._latents),
-                "video": sum(f.nbytes for f in self._frames)}
+                "decoder": tensor_bytes(self._decoder.feat_cache) if self._decoder is not None else 0,
+                "latents": tensor_bytes(self._latents), "video": sum(f.nbytes for f in self._frames)}
 
-    def to(self, device: str | torch.device) -> "CausalSession":
-        """Move the caches and the decoder state (an idle session can wait in CPU memory); bit-exact."""
+    def to(self, device: str | torch.device, copy: bool = False) -> "CausalSession":
+        """Move the caches and the decoder state (an idle session can wait in CPU memory); bit-exact.
+
+        copy=True allocates fresh buffers even when `device` is where they are already (the idle tier on a
+        CPU-only machine is then still a real copy, and the old buffers are freed when dropped)."""
         device = torch.device(device)
-        self.cache.to(device)
+        self.cache.to(device, copy)
         if self._ctx_kv is not None:
-            self._ctx_kv = [tuple(t.to(device) for t in kv) for kv in self._ctx_kv]
-        self._decoder.feat_cache = [t.to(device) if isinstance(t, torch.Tensor) else t for t in self._decoder.feat_cache]
+            self._ctx_kv = [tuple(t.to(device, copy=copy) for t in kv) for kv in self._ctx_kv]
+        if self._decoder is not None:
+            self._decoder.feat_cache = [t.to(device, copy=copy) if isinstance(t, torch.Tensor) else t
+                                        for t in self._decoder.feat_cache]
         self.device = device
         return self
+
+    def release(self) -> None:
+        """Free the caches, the decoder state and the frames now (a closed session): the caches hold reference
+        cycles (cache <-> layers), so dropping the session alone would leave them to the cyclic collector."""
+        for layer in self.cache.layers:
+            layer.k = layer.v = None
+        self.cache.reset()
+        self._ctx_kv = None
+        if self._decoder is not None:
+            self._decoder.feat_cache = [None] * len(self._decoder.feat_cache)
+        self._frames.clear()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
@@ -306,7 +358,8 @@ class CausalSession:
                       cancel: CancelFn | None = None,
                       on_block: Callable[[BlockOutput], None] | None = None) -> torch.Tensor:
         """Generate the next fragment (or the rest of an interrupted one); returns its frames [3, T, H, W] float32
-        in [-1, 1] on CPU. Each block is decoded and handed to `on_block` as soon as it is finished."""
+        in [-1, 1] on CPU. Each block is decoded and handed to `on_block` as soon as it is finished.
+        A session without a decoder (a rank > 0 under SP) denoises the same blocks and returns None."""
         pipe = self.pipe
         if not _same_device(self.device, pipe.device):
             raise RuntimeError(f"session caches are on {self.device}; move them back with session.to("
@@ -344,8 +397,10 @@ class CausalSession:
                 self._noise_gen.set_state(states[0])
                 self._step_gen.set_state(states[1])
                 raise
-            with timer("vae"):
-                video = self._decoder.decode(x0)[0].cpu()
+            video = None
+            if self._decoder is not None:
+                with timer("vae"):
+                    video = self._decoder.decode(x0)[0].cpu()
             out = self._keep_block(fragment, x0[0].cpu(), video)
             outs.append(video)
             timer.timings.setdefault("first_block", time.perf_counter() - t0)
@@ -360,7 +415,7 @@ class CausalSession:
         self.fragments += 1
         timer.timings["total"] = time.perf_counter() - t0
         self.timings = timer.timings
-        return torch.cat(outs, dim=1)
+        return torch.cat(outs, dim=1) if self._decoder is not None else None
 
     def _count(self, counter: list[int], progress: ProgressFn | None) -> None:
         self.nfe += 1
@@ -393,10 +448,11 @@ class CausalSession:
         self._anchor_prompt = self._prompts.index(self.prompt)
         self._pos = self.block_frames
 
-    def _keep_block(self, fragment: int, latents: torch.Tensor, video: torch.Tensor) -> BlockOutput:
+    def _keep_block(self, fragment: int, latents: torch.Tensor, video: torch.Tensor | None) -> BlockOutput:
         out = BlockOutput(fragment, self.blocks, self.latent_frames, self.frames, video, latents)
         self._latents.append(latents)
-        self._frames.append(to_uint8(video))
+        if video is not None:
+            self._frames.append(to_uint8(video))
         self._block_prompt.append(self._prompts.index(self.prompt))
         self._pos += self.block_frames
         self._partial += 1
@@ -412,24 +468,44 @@ class CausalSession:
                 "noise_rng": self._noise_gen.get_state(), "step_rng": self._step_gen.get_state()}
 
     @classmethod
-    @torch.no_grad()
-    def restore(cls, pipe: CausVidPipeline, state: dict[str, Any], progress: ProgressFn | None = None) -> "CausalSession":
-        """Rebuild a session from `state_dict()` (module docstring: what is reproduced, and at what cost)."""
+    def check_state(cls, pipe: CausVidPipeline, state: Any) -> tuple[int, int, int]:
+        """Everything `restore` can refuse, checked before it does any work (a ValueError saying why).
+
+        Returns the state's (seed, height, width). A parallel group checks on every rank before the collective
+        replay, so a bad state is refused everywhere alike and the group stays usable."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a CausVid session state (format {STATE_FORMAT!r} expected)")
+        missing = sorted({"config", "seed", "height", "width", "prompt", "prompts", "block_prompt", "anchor_prompt",
+                          "fragments", "partial", "latents", "noise_rng", "step_rng"} - set(state))
+        if missing:
+            raise ValueError(f"session state lacks {', '.join(missing)}")
         want = pipe.state_config()
         diff = sorted(k for k in set(want) | set(state["config"]) if want.get(k) != state["config"].get(k))
         if diff:
             raise ValueError(f"session state was made with other settings ({', '.join(diff)}) than this pipeline's; "
                              "it cannot be reproduced here")
         seed, height, width = pipe.check_request(int(state["seed"]), int(state["height"]), int(state["width"]))
-        s = cls(pipe, _check_prompt(state["prompt"]), seed, height, width)
+        _check_prompt(state["prompt"])
+        n = len(state["block_prompt"])
+        shape = (pipe.arch.out_dim, n * pipe.cfg.num_frame_per_block, height // 8, width // 8)
+        lat = state["latents"]
+        if not isinstance(lat, torch.Tensor) or tuple(lat.shape) != shape:
+            got = tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__
+            raise ValueError(f"session state latents {got} do not match its {n} blocks at {height}x{width}: "
+                             f"expected {shape}")
+        if any(not 0 <= p < len(state["prompts"]) for p in state["block_prompt"]):
+            raise ValueError("session state: a block refers to a prompt it does not list")
+        return seed, height, width
+
+    @classmethod
+    @torch.no_grad()
+    def restore(cls, pipe: CausVidPipeline, state: dict[str, Any],
+                progress: ProgressFn | None = None) -> "CausalSession":
+        """Rebuild a session from `state_dict()` (module docstring: what is reproduced, and at what cost)."""
+        seed, height, width = cls.check_state(pipe, state)
+        s = cls(pipe, state["prompt"], seed, height, width)
         lat = state["latents"]
         n = len(state["block_prompt"])
-        shape = (pipe.arch.out_dim, n * s.block_frames, s.height // 8, s.width // 8)
-        if tuple(lat.shape) != shape:
-            raise ValueError(f"session state latents {tuple(lat.shape)} do not match its {n} blocks at "
-                             f"{s.height}x{s.width}: expected {shape}")
         s._prompts, s._block_prompt = list(state["prompts"]), list(state["block_prompt"])
         s._anchor_prompt = state["anchor_prompt"]
         s.fragments, s._partial = int(state["fragments"]), int(state["partial"])
@@ -437,9 +513,10 @@ class CausalSession:
         s._step_gen.set_state(state["step_rng"])
         for b, block in enumerate(lat.float().split(s.block_frames, dim=1)):
             s._latents.append(block.clone())
-            s._frames.append(to_uint8(s._decoder.decode(block[None].to(pipe.device))[0]))
-            if progress:
-                progress(Progress("vae", b + 1, n))
+            if s._decoder is not None:
+                s._frames.append(to_uint8(s._decoder.decode(block[None].to(pipe.device))[0]))
+                if progress:
+                    progress(Progress("vae", b + 1, n))
         s._rebuild_cache(progress)
         return s
 

@@ -16,7 +16,10 @@ The DiT asks its `TokenLayout` (model/attention.py) to shard the tokens, to atte
 * **gather**: all_gather over the SP group, concatenate, drop the padding.
 
 `attend_segments` / `SequenceParallelAttention.__call__` take local queries and a *list* of K/V segments
-(each with its own validity), so CausVid can attend to [cached K/V ; current K/V] with the same code.
+(each with its own validity), so CausVid can attend to [cached K/V ; current K/V] with the same code. The
+three stages are also public (`scatter_heads`, `attend_scattered`, `gather_heads`): the CausVid cache
+(parallel/causal.py) sits between the first two, where the scheme has decided which tokens and heads a
+rank holds.
 
 Kernels: on CPU, torch's flash-attention-for-CPU op, which returns the log-sum-exp (yunchang's CPU
 "math" path returns lse = 0 and is wrong for rings, see the reference notes). On CUDA, with no padding and
@@ -188,7 +191,7 @@ class SequenceParallelAttention:
                          sent=x.numel() * x.element_size() * (u - 1) // u)
         return out
 
-    def _scatter_heads(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def scatter_heads(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """[B, s_i, H, D] each -> [B, U*s_i, H/U, D] each, in one all-to-all."""
         u = self.ulysses.size
         if u == 1:
@@ -199,8 +202,8 @@ class SequenceParallelAttention:
         recv = self._all_to_all(packed.permute(2, 0, 1, 3, 4).contiguous())  # [U(src), B, sum s, H/U, D]
         return [p.permute(1, 0, 2, 3, 4).reshape(b, u * n, h // u, d) for p, n in zip(recv.split(lens, dim=2), lens)]
 
-    def _gather_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, U*s, H/U, D] -> [B, s, H, D] (the inverse of `_scatter_heads`)."""
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, U*s, H/U, D] -> [B, s, H, D] (the inverse of `scatter_heads`)."""
         u = self.ulysses.size
         if u == 1:
             return x
@@ -251,13 +254,16 @@ class SequenceParallelAttention:
         fast = self._fast_cuda(q, segments)
         if fast is not None:
             return fast
-        q, *kv = self._scatter_heads([q] + [t for s in segments for t in (s.k, s.v)])
+        q, *kv = self.scatter_heads([q] + [t for s in segments for t in (s.k, s.v)])
         segs = [KVSegment(k, v, s.valid, s.key_mask) for s, k, v in zip(segments, kv[0::2], kv[1::2])]
+        return self.gather_heads(self.attend_scattered(q, segs))
+
+    def attend_scattered(self, q: torch.Tensor, segments: list[KVSegment]) -> torch.Tensor:
+        """After `scatter_heads`: q [B, n, H/U, D] over this ring member's segments (member m holds positions
+        [m*n_j, (m+1)*n_j) of segment j); locally when the ring has one member."""
         if self.ring.size == 1:
-            out = attend_segments(q, segs)
-        else:
-            out = self._ring_attend(q, segs)
-        return self._gather_heads(out)
+            return attend_segments(q, segments)
+        return self._ring_attend(q, segments)
 
     # ---- CUDA fast path ----
     def _fast_cuda(self, q: torch.Tensor, segments: list[KVSegment]):

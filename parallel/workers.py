@@ -9,6 +9,18 @@ torch.distributed group concurrently. `run(request)` sends the request to every 
 Actors are threaded (`max_concurrency`), so `cancel()`, `progress()` and `health()` answer while `run` is
 busy. A rank that dies shows up twice: Ray reports the actor dead, and the surviving ranks raise
 `RankFailure` naming it; the group is then unhealthy and must be rebuilt (`shutdown()`, then a new group).
+
+CausVid sessions (groups whose model_cls is `wan2.1_causvid`; parallel/causal_runner.py): a session's
+caches live in these actors — each rank holds its shard — so the Serve replica that owns the group owns
+its sessions. The session API below forwards every call that changes a session to every rank, in one
+order (the group's lock), and returns rank 0's answer; reads (`session_info`, `list_sessions`,
+`fragment_blocks`, `session_video`, `progress`) go straight to the actors and answer while a fragment is
+being generated, which is how the router streams blocks out before the fragment ends. Errors: an unknown
+id raises `SessionNotFound` (a KeyError: the router's 404/410); a bad request, a duplicate id or a state
+that does not fit raise `RequestError` subclasses; `Cancelled` passes through; all of these leave the group
+usable. Other pipelines raise `SessionsNotSupported` without touching the actors. Eviction policy (TTL,
+LRU, a memory cap) is the replica's session manager's; it calls `offload_session` / `close_session` and
+reads `session_info` to decide.
 """
 from __future__ import annotations
 
@@ -17,12 +29,21 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from model.config import RunConfig, load_run_config
 from model.pipeline import Generation, Progress, Request
 
+from .causal_runner import (
+    CausalRunner,
+    InvalidSessionState,
+    SessionExists,
+    SessionNotFound,
+    SessionsNotSupported,
+    load_rank_causal_pipeline,
+)
 from .group import (
     GroupLayout,
     RankFailure,
@@ -32,6 +53,11 @@ from .group import (
     join,
 )
 from .runner import ParallelRunner, load_rank_pipeline
+
+__all__ = ["SPWorker", "SPWorkerGroup", "SessionNotFound", "SessionExists", "SessionsNotSupported",
+           "InvalidSessionState", "CAUSVID"]
+
+CAUSVID = "wan2.1_causvid"
 
 
 class SPWorker:
@@ -45,7 +71,9 @@ class SPWorker:
         self.cfg: RunConfig = load_run_config(config)
         self.device = torch.device(device) if device else default_device()
         self.group_options = group_options or {}
-        self.pipe = load_rank_pipeline(model_path, self.cfg, rank, self.device, lora_roots=lora_roots)
+        self.causal = self.cfg.model_cls == CAUSVID
+        load = load_rank_causal_pipeline if self.causal else load_rank_pipeline
+        self.pipe = load(model_path, self.cfg, rank, self.device, lora_roots=lora_roots)
         self.group, self.runner, self._store = None, None, None
         self._cancel = threading.Event()
         self._progress: Progress | None = None
@@ -61,16 +89,20 @@ class SPWorker:
         layout = GroupLayout.from_parallel(self.cfg.parallel)
         self.group = join(self.rank, self.world_size, addr, port, layout, device=self.device, store=self._store,
                           **self.group_options)
-        self.runner = ParallelRunner(self.pipe, self.group)
+        self.runner = (CausalRunner if self.causal else ParallelRunner)(self.pipe, self.group)
         return self.health()
 
-    def run(self, request: Request | None) -> Generation | None:
+    def _job(self, fn, *args):
+        """Run one job on this rank: fresh cancel flag and progress, busy while it runs."""
         self._cancel.clear()
         self._progress, self._busy = None, True
         try:
-            return self.runner.generate(request, progress=self._on_progress, cancel=self._cancel.is_set)
+            return fn(*args, progress=self._on_progress, cancel=self._cancel.is_set)
         finally:
             self._busy = False
+
+    def run(self, request: Request | None) -> Generation | None:
+        return self._job(self.runner.generate, request)
 
     def _on_progress(self, p: Progress) -> None:
         self._progress = p
@@ -80,7 +112,60 @@ class SPWorker:
 
     def progress(self) -> dict | None:
         p = self._progress
-        return None if p is None else {"stage": p.stage, "step": p.step, "total": p.total}
+        if p is None:
+            return None
+        out = {"stage": p.stage, "step": p.step, "total": p.total}
+        current = getattr(self.runner, "current", None)
+        if current is not None:  # a CausVid fragment: which session, and its blocks done so far
+            out.update(current)
+        return out
+
+    # ---- CausVid sessions (one rank's side; SPWorkerGroup documents the API) ----
+    def _sessions(self) -> CausalRunner:
+        if not self.causal:
+            raise SessionsNotSupported(f"sessions need model_cls {CAUSVID!r}; this worker runs {self.cfg.model_cls!r}")
+        return self.runner
+
+    def open_session(self, session_id: str, prompt: str, seed: int | None, height: int | None,
+                     width: int | None) -> dict:
+        return self._sessions().open(session_id, prompt, seed, height, width)
+
+    def next_fragment(self, session_id: str, prompt: str | None) -> dict | None:
+        return self._job(self._sessions().next_fragment, session_id, prompt)
+
+    def restore_session(self, session_id: str, state: dict, replace: bool) -> dict:
+        runner = self._sessions()
+
+        def restore(progress, cancel):  # a rebuild is not cancellable: it is one forward per block
+            return runner.restore(session_id, state, replace, progress=progress)
+        return self._job(restore)
+
+    def fragment_blocks(self, session_id: str, since: int) -> list[np.ndarray]:
+        return self._sessions().fragment_blocks(session_id, since)
+
+    def session_info(self, session_id: str) -> dict:
+        return self._sessions().info(session_id)
+
+    def session_video(self, session_id: str) -> np.ndarray:
+        return self._sessions().video(session_id)
+
+    def session_state(self, session_id: str) -> dict:
+        return self._sessions().state(session_id)
+
+    def offload_session(self, session_id: str) -> dict:
+        return self._sessions().offload(session_id)
+
+    def reload_session(self, session_id: str) -> dict:
+        return self._sessions().reload(session_id)
+
+    def close_session(self, session_id: str) -> bool:
+        return self._sessions().close(session_id)
+
+    def list_sessions(self) -> list[dict]:
+        return self._sessions().list()
+
+    def session_stats(self) -> dict:
+        return self._sessions().stats()
 
     def health(self) -> dict:
         g = self.group
@@ -108,6 +193,7 @@ class SPWorkerGroup:
                  group_options: dict | None = None, start_timeout: float = 300.0):
         cfg = config if isinstance(config, RunConfig) else load_run_config(config)
         config = cfg.model_dump(mode="json")
+        self.model_cls = cfg.model_cls
         self.layout = GroupLayout.from_parallel(cfg.parallel)
         n = self.layout.world_size
         self.world_size = n
@@ -143,11 +229,19 @@ class SPWorkerGroup:
     # ---- jobs ----
     def run(self, request: Request, timeout: float | None = None) -> Generation:
         """Generate on every rank; rank 0's result. Raises rank 0's RequestError / Cancelled as they are, and
-        RankFailure (naming the ranks) when a rank died or failed — the group is unhealthy after that."""
-        if self.unhealthy:
-            raise RankFailure([], f"this worker group is unhealthy ({self.unhealthy}); shut it down and start a new one")
+        RankFailure (naming the ranks) when a rank died or failed — the group is unhealthy after that.
+        A CausVid group generates `num_fragments` fragments of a throwaway session (LightX2V's one call)."""
+        return self._on_every_rank("run", (request,), (None,), timeout)
+
+    def _on_every_rank(self, method: str, args: tuple, other_args: tuple | None = None,
+                       timeout: float | None = None):
+        """Call `method` on every actor (rank 0 with `args`, the others with `other_args`, default the same),
+        one call at a time per group; rank 0's return value, or the error that explains the failure."""
+        self._check_healthy()
+        other_args = args if other_args is None else other_args
         with self._lock:
-            refs = [a.run.remote(request if rank == 0 else None) for rank, a in enumerate(self.actors)]
+            refs = [getattr(a, method).remote(*(args if rank == 0 else other_args))
+                    for rank, a in enumerate(self.actors)]
             _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
             if pending:
                 self.unhealthy = f"ranks {[refs.index(r) for r in pending]} did not finish within {timeout} s"
@@ -174,12 +268,144 @@ class SPWorkerGroup:
                 self.unhealthy = str(value)
             raise value
 
+    def _check_healthy(self) -> None:
+        if self.unhealthy:
+            raise RankFailure([], f"this worker group is unhealthy ({self.unhealthy}); shut it down and start a new one")
+
+    def _on_actors(self, actors: list, method: str, *args, timeout: float | None = 30.0) -> list:
+        """A read on some actors, without the group's lock (answers while a job runs); their results in order.
+        An actor's own error is raised as itself (e.g. SessionNotFound); a dead actor as RankFailure naming its
+        rank (the group is unhealthy then, and its sessions are gone with it)."""
+        self._check_healthy()
+        refs = [getattr(a, method).remote(*args) for a in actors]
+        out = []
+        for a, ref in zip(actors, refs):
+            try:
+                out.append(ray.get(ref, timeout=timeout))
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if e.cause is not None else e) from None
+            except ray.exceptions.RayActorError:
+                rank = self.actors.index(a)
+                self.unhealthy = f"rank(s) [{rank}] died"
+                raise RankFailure([rank], f"rank {rank} of the worker group is dead; its sessions are lost (restore "
+                                          "them from their stored state into a new group)") from None
+        return out
+
     def cancel(self) -> None:
         """Ask rank 0 to stop the running job after its current step (the others follow)."""
         self.actors[0].cancel.remote()
 
     def progress(self, timeout: float = 5.0) -> dict | None:
+        """Rank 0's progress of the running / last job: {"stage", "step", "total"}; for a CausVid fragment also
+        {"session_id", "blocks" (finished), "blocks_total"}."""
         return ray.get(self.actors[0].progress.remote(), timeout=timeout)
+
+    # ---- CausVid sessions ----
+    def _require_sessions(self) -> None:
+        if self.model_cls != CAUSVID:
+            raise SessionsNotSupported(f"sessions need a CausVid model (model_cls {CAUSVID!r}); this worker group "
+                                       f"runs {self.model_cls!r}, which generates whole videos only (use run)")
+
+    def open_session(self, session_id: str, prompt: str, seed: int | None = None, height: int | None = None,
+                     width: int | None = None, timeout: float | None = 60.0) -> dict:
+        """Open a session on every rank (cheap: the prompt is encoded and the caches allocated by its first
+        fragment); returns `session_info`. SessionExists for an id already open; RequestError for a bad
+        prompt or size."""
+        self._require_sessions()
+        self._on_every_rank("open_session", (session_id, prompt, seed, height, width), timeout=timeout)
+        return self.session_info(session_id)
+
+    def next_fragment(self, session_id: str, prompt: str | None = None, timeout: float | None = None) -> dict:
+        """Generate the session's next fragment (optionally under a new prompt; the K/V cache carries over).
+
+        Returns {"frames": uint8 [T, H, W, 3] of this fragment, "fragment": its index (0-based), "blocks":
+        [first, end) session block indices, "timings": {text, dit, vae, first_block, total, communication}
+        seconds, "info": session_info}. Cancellable with `cancel()` (raises Cancelled; finished blocks stay,
+        and the next call makes the rest of the fragment); `progress()` counts steps and blocks;
+        `fragment_blocks` streams its blocks while it runs. An idle session is reloaded first."""
+        self._require_sessions()
+        out = self._on_every_rank("next_fragment", (session_id, prompt), timeout=timeout)
+        out["info"] = self._with_rank_bytes(out["info"])
+        return out
+
+    def fragment_blocks(self, session_id: str, since: int = 0, timeout: float | None = 30.0) -> list[np.ndarray]:
+        """Decoded frames (uint8 [T, H, W, 3] per block) of the blocks the running / last `next_fragment` has
+        finished, from its block `since` on. Answers while that call runs."""
+        self._require_sessions()
+        return self._on_actors(self.actors[:1], "fragment_blocks", session_id, since, timeout=timeout)[0]
+
+    def session_info(self, session_id: str, timeout: float | None = 30.0) -> dict:
+        """{"session_id", "fragments", "blocks", "partial_blocks", "frames", "latent_frames", "cache_bytes",
+        "memory_bytes", "device", "tier" ("active" | "idle"), "last_used", "created", "busy", "seed", "height",
+        "width", "prompt", "cache_bytes_per_rank", "cache_bytes_total"}: rank 0's numbers (what one GPU holds:
+        compare them with a per-GPU cap) plus every rank's cache bytes. Answers while a fragment runs."""
+        self._require_sessions()
+        infos = self._on_actors(self.actors, "session_info", session_id, timeout=timeout)
+        per_rank = [i["cache_bytes"] for i in infos]
+        return {**infos[0], "cache_bytes_per_rank": per_rank, "cache_bytes_total": sum(per_rank)}
+
+    def _with_rank_bytes(self, info: dict) -> dict:
+        per_rank = [info["cache_bytes"]]
+        per_rank += [i["cache_bytes"] for i in self._on_actors(self.actors[1:], "session_info", info["session_id"])]
+        return {**info, "cache_bytes_per_rank": per_rank, "cache_bytes_total": sum(per_rank)}
+
+    def list_sessions(self, timeout: float | None = 30.0) -> list[dict]:
+        """`session_info` of every open session (rank 0's view, with every rank's cache bytes)."""
+        self._require_sessions()
+        lists = self._on_actors(self.actors, "list_sessions", timeout=timeout)
+        per_rank: dict[str, list[int]] = {}
+        for rank_list in lists:
+            for item in rank_list:
+                per_rank.setdefault(item["session_id"], []).append(item["cache_bytes"])
+        return [{**item, "cache_bytes_per_rank": per_rank[item["session_id"]],
+                 "cache_bytes_total": sum(per_rank[item["session_id"]])} for item in lists[0]]
+
+    def session_video(self, session_id: str, timeout: float | None = 60.0) -> np.ndarray:
+        """The whole video so far, uint8 [T, H, W, 3] (rank 0 keeps the decoded frames)."""
+        self._require_sessions()
+        return self._on_actors(self.actors[:1], "session_video", session_id, timeout=timeout)[0]
+
+    def session_state(self, session_id: str, timeout: float | None = None) -> dict:
+        """`CausalSession.state_dict()` (CPU tensors and plain values; torch.save-able; no shard of any cache):
+        what the router stores to rebuild the session later, here or in a group of any size. Taken between
+        calls: waits for a running call of the group to finish."""
+        self._require_sessions()
+        self._check_healthy()
+        with self._lock:
+            return self._on_actors(self.actors[:1], "session_state", session_id, timeout=timeout)[0]
+
+    def restore_session(self, session_id: str, state: dict, replace: bool = False,
+                        timeout: float | None = None) -> dict:
+        """Rebuild a session from `session_state` (after eviction or the loss of the replica that had it):
+        rank 0 decodes the video again and every rank replays each block's clean pass (one DiT forward per
+        block), so the next fragment is the one the original would have made. InvalidSessionState if the
+        state does not fit this model/config; SessionExists if the id is open (replace=True rebuilds it)."""
+        self._require_sessions()
+        self._on_every_rank("restore_session", (session_id, state, replace), timeout=timeout)
+        return self.session_info(session_id)
+
+    def offload_session(self, session_id: str, timeout: float | None = 120.0) -> dict:
+        """Idle tier: every rank moves the session's caches into fresh CPU buffers (on a CPU-only machine a real
+        copy, accounted as idle). Returns session_info (tier "idle")."""
+        self._require_sessions()
+        self._on_every_rank("offload_session", (session_id,), timeout=timeout)
+        return self.session_info(session_id)
+
+    def reload_session(self, session_id: str, timeout: float | None = 120.0) -> dict:
+        """Active tier: the caches back onto every rank's compute device. Returns session_info."""
+        self._require_sessions()
+        self._on_every_rank("reload_session", (session_id,), timeout=timeout)
+        return self.session_info(session_id)
+
+    def close_session(self, session_id: str, timeout: float | None = 60.0) -> bool:
+        """Free the session's caches on every rank; False if no such session was open (idempotent)."""
+        self._require_sessions()
+        return self._on_every_rank("close_session", (session_id,), timeout=timeout)
+
+    def session_stats(self, timeout: float | None = 30.0) -> list[dict]:
+        """Per rank: {"rank", "sessions", "active_bytes", "idle_bytes", "tracked_bytes", "live_session_objects"}."""
+        self._require_sessions()
+        return self._on_actors(self.actors, "session_stats", timeout=timeout)
 
     def health(self, timeout: float = 10.0) -> dict:
         """{"healthy": bool, "ranks": [per-rank health or the reason it did not answer]}."""

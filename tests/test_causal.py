@@ -342,7 +342,8 @@ def test_causal_weights_load_from_pt_and_missing_file_is_named(base, tmp_path):
     ({"sink_frames": 2}, "sink_frames = 2: needs attention_window"),
     ({"attention_window": 3, "sink_frames": 2}, "attention_window = 3: must hold the sink and the block"),
     ({"frame_seq_length": 7}, "frame_seq_length = 7: must equal tokens per latent frame at 32x48 = 6"),
-    ({"parallel": {"seq_p_size": 2}}, "seq_p_size = 2: CausVid runs on one GPU"),
+    ({"parallel": {"seq_p_size": 2, "cfg_p_size": 2}}, "cfg_p_size = 2: CausVid runs without CFG"),
+    ({"parallel": {"seq_p_size": 2, "dit_fsdp": True}}, "dit_fsdp with CausVid is not supported"),
 ])
 def test_bad_configs_are_refused(base, over, match):
     with pytest.raises(ConfigError, match=match):

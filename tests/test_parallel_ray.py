@@ -1,6 +1,7 @@
 """SPWorkerGroup: two Ray actors pinned to placement-group bundles form an SP=2 group and generate the same
-latents as one process (1e-5); request errors pass through; a killed actor is named and the group turns
-unhealthy. Uses the session Ray instance of conftest.py."""
+latents as one process (1e-5); request errors pass through (and the session API refuses a non-CausVid
+group); a killed actor is named and the group turns unhealthy. Uses the session Ray instance of
+conftest.py. (CausVid sessions: test_parallel_sessions.py.)"""
 import pytest
 from helpers import tiny_dit
 
@@ -25,7 +26,7 @@ def test_worker_group_in_placement_group(ray_session, model_root):
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from parallel.group import RankFailure
-    from parallel.workers import SPWorkerGroup
+    from parallel.workers import SessionsNotSupported, SPWorkerGroup
 
     pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=60)
@@ -46,6 +47,8 @@ def test_worker_group_in_placement_group(ray_session, model_root):
 
         with pytest.raises(RequestError, match="prompt must not be empty"):
             group.run(Request(""), timeout=60)
+        with pytest.raises(SessionsNotSupported, match="sessions need a CausVid model"):  # never reaches the actors
+            group.open_session("s", PROMPT)
         assert group.health()["healthy"]
 
         ray.kill(group.actors[1])

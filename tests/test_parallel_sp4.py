@@ -1,16 +1,22 @@
-"""Four spawned gloo processes: Ulysses 2 x ring 2 DiT forwards, and CFG parallel x SP=2 base generation
-(UniPC + CFG), each against the single-process computation (1e-5 absolute, fp32).
+"""Four spawned gloo processes: Ulysses 2 x ring 2 DiT forwards and CausVid generation, and CFG parallel x
+SP=2 base generation (UniPC + CFG), each against the single-process computation (1e-5 absolute, fp32).
 
-One spawn runs both: the ranks form a u2 x r2 group, check the forwards, leave it, and form a
-cfg 2 x ring 2 group for the generation.
+One spawn runs all three: the ranks form a u2 x r2 group, check the forwards, generate two CausVid fragments
+block by block (the hybrid cache: each rank caches its ring member's token chunk of every block for its
+half of the heads; padded blocks, a window cutting through blocks, a sink), leave it, and form a
+cfg 2 x ring 2 group for the base generation.
 """
 import sys
 
+import numpy as np
 import pytest
 import torch
+from helpers import tiny_dit
+from test_causal_sp import OTHER, causvid_config
 from test_parallel_sp import PROMPT, WORDS, case_inputs
 
-from model.config import load_run_config
+from model.causal_pipeline import CausVidPipeline
+from model.config import TINY_T2V, load_run_config
 from model.pipeline import Request, WanPipeline
 from model.tiny import write_tiny_model
 
@@ -40,6 +46,14 @@ def sp4_worker(rank, world_size, addr, port, model_root, port2):
             dit, kw = case_inputs(*case)
             dit.layout = SequenceParallelLayout(group)
             out["forward"][case] = dit(**kw)
+    from parallel.causal_runner import CausalRunner, load_rank_causal_pipeline
+
+    cfg = causvid_config("padded_window", seq_p_size=4, ulysses_degree=2, ring_degree=2)
+    causal = CausalRunner(load_rank_causal_pipeline(model_root, cfg, rank), group)
+    causal.open("s", PROMPT, 5)
+    frames = [causal.next_fragment("s"), causal.next_fragment("s", prompt=OTHER)]
+    out["causvid"] = {"latents": causal.sessions["s"].session.latents(),
+                      "frames": None if rank else [f["frames"] for f in frames]}
     group.close()
 
     cfg = base_config(seq_p_size=2, seq_p_attn_type="ring", cfg_p_size=2)
@@ -55,7 +69,8 @@ def sp4_worker(rank, world_size, addr, port, model_root, port2):
 
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("sp4_t2v"), "t2v", words=WORDS, seed=5)
+    return write_tiny_model(tmp_path_factory.mktemp("sp4_t2v"), "t2v", words=WORDS, seed=5,
+                            causal=tiny_dit(TINY_T2V, seed=21))
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +105,20 @@ def test_cfg_parallel_x_sp2_equals_serial_base_sampler(ranks, model_root):
     assert (gen["latents"] - serial.latents).abs().max().item() <= TOL
     assert (gen["video"] - serial.video).abs().max().item() <= 1e-4
     assert all(not any(r["modules"].values()) for r in ranks)
+
+
+def test_causvid_ulysses2_x_ring2_equals_sp1(ranks, model_root):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; a second thread only adds contention on a busy 2-core box
+    try:
+        pipe = CausVidPipeline.from_pretrained(model_root, causvid_config("padded_window"))
+        s = pipe.start_session(PROMPT, seed=5)
+        s.next_fragment()
+        s.next_fragment(prompt=OTHER)
+    finally:
+        torch.set_num_threads(threads)
+    for r, out in enumerate(ranks):
+        assert (out["causvid"]["latents"] - s.latents()).abs().max().item() <= TOL, f"rank {r}"
+    video = np.concatenate(ranks[0]["causvid"]["frames"])
+    assert video.shape == s.video().shape
+    assert np.abs(video.astype(int) - s.video().astype(int)).max() <= 1

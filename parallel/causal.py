@@ -1,0 +1,253 @@
+"""CausVid under sequence parallelism: the K/V cache sharded the way the SP scheme shards K/V.
+
+Why a module: the causal DiT (model/causal.py) runs a block forward with the same token sharding as the
+bidirectional forward — the block's L = f·h·w tokens zero-padded to Lp = ceil(L / P)·P, SP rank p holding
+the contiguous chunk [p·s, (p+1)·s), s = Lp / P, rotated with its *global* RoPE positions at the block's
+frame offset, and the head's output gathered — and asks one function to attend a block's queries over
+"everything the cache holds, the block itself included". This module is that function and the cache it
+writes, per scheme. Nothing is ever re-gathered: each rank keeps exactly the K/V its scheme gives it.
+
+* **Ulysses** (ring degree 1): after the all-to-all a rank holds all Lp tokens of the block for H/U heads.
+  It drops the padded rows (always the last Lp - L) and writes the rest into a plain `KVCache` — all tokens
+  of its heads, in frame slots, exactly the single-process cache restricted to H/U heads. Its queries then
+  attend over that cache with no mask (the view holds valid keys only), and a second all-to-all brings the
+  heads back. Per rank: 1/U of the single-process cache; no communication beyond the two all-to-alls.
+* **Ring** (and **hybrid** U x R: the ring runs over the ulysses-scattered chunks): ring member m holds
+  tokens [m·n, (m+1)·n) of every block (n = U·s; H/U heads) and caches its own chunk of every block in a
+  `RingKVCache`: one slot of n tokens per block. The ring then passes each member's cached chunks — the
+  current block's among them — around (`SequenceParallelAttention.attend_scattered`), merging partial
+  outputs by log-sum-exp. Per rank: ~1/(U·R) of the cache (+ the padding rows of each block).
+
+Eviction and the sink: both caches are `KVCache`s, so the frame bookkeeping (`begin`, `first_frame`, the
+window and the sink) is the same code on every rank and on one process; since every rank is told the same
+blocks in the same order, every rank evicts the same frames at the same time. A ring chunk does not align
+with frames (a chunk may end mid-frame, and a window need not be a multiple of the block), so
+`RingKVCache` stores whole block chunks — the sink blocks forever, a ring of the most recent ones — and
+masks, key by key, the frames the window has already evicted (and the padding). With blocks that tile the
+window and the sink, and L divisible by P (the production shapes: 3-frame blocks, 1560 tokens per frame),
+no key is masked and the attention runs unmasked, and each rank holds exactly 1/P of the one-process cache.
+Otherwise the price is memory, not correctness: up to F - 1 evicted frames per partly visible block (F =
+frames per block) and the Lp - L padding rows stay allocated until their slot is reused.
+
+Every rank returns the same outputs as one process up to float summation order (≤ 1e-5 in fp32; the tests
+check generation block by block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.causal import CausalDiT, KVCache, LayerKV, cache_attention, tensor_bytes
+
+from .attention import KVSegment, SequenceParallelLayout
+
+__all__ = ["RingKVCache", "RingLayerKV", "CausalSequenceParallel", "attach"]
+
+
+class RingLayerKV:
+    """One layer's chunk buffers [B, slots x n, H/U, D]: this member's n tokens of each cached block."""
+
+    def __init__(self, cache: RingKVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.chunk = 0
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this member's chunk [B, n, h, D] of the current block (post-RoPE k, raw v, padding included)."""
+        c = self.cache
+        if c.block is None:
+            raise RuntimeError("ring cache: write before begin(); the block forward declares its frames first")
+        if k.shape != v.shape or k.dim() != 4:
+            raise ValueError(f"ring cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, n, H, D]")
+        n = k.shape[1]
+        self._ensure(k, n)
+        slot = c.block_slot(c.block[0] // c.block_frames)
+        self.k[:, slot * n:(slot + 1) * n] = k
+        self.v[:, slot * n:(slot + 1) * n] = v
+
+    def segments(self, length: int) -> list[KVSegment]:
+        """The K/V this member contributes to the ring for the current block (`RingKVCache.visible_runs`)."""
+        n = self.chunk
+        return [KVSegment(self.k[:, first * n:end * n], self.v[:, first * n:end * n], key_mask=mask)
+                for first, end, mask in self.cache.visible_runs(length, n, self.k.device)]
+
+    def _ensure(self, k: torch.Tensor, n: int) -> None:
+        cap = self.cache.slots * n
+        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
+        if self.k is not None:
+            if (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.chunk) != (shape[0], shape[2], shape[3], n):
+                raise ValueError(f"ring cache: block chunk {tuple(k.shape)} does not match the cache's geometry "
+                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; {self.chunk} "
+                                 "tokens per block); one cache per video size")
+            if self.k.dtype != k.dtype or self.k.device != k.device:
+                raise ValueError(f"ring cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
+                                 f"{k.device}; move the session with .to() first")
+            if self.k.shape[1] >= cap:
+                return
+        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        if self.k is not None:  # grow: keep what is there
+            have = self.k.shape[1]
+            new_k[:, :have], new_v[:, :have] = self.k, self.v
+        self.k, self.v, self.chunk = new_k, new_v, n
+
+    def nbytes(self) -> int:
+        return tensor_bytes([self.k, self.v])
+
+    def to(self, device: str | torch.device, copy: bool = False) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
+
+
+class RingKVCache(KVCache):
+    """One ring member's chunk of every cached block, in block slots; frames evicted by key masks.
+
+    Slots: without a window, block b in slot b (grows like `KVCache`). With window W and sink S (frames) and
+    blocks of F frames: ceil(S/F) sink slots holding blocks 0.. for ever, and ceil((W-S)/F) slots as a ring
+    over the most recent blocks — enough for every block that still has a visible frame, since a block's
+    slot is reused only once all its frames have left the window. Visibility is `KVCache`'s: frame j is seen
+    by the block ending at `end` iff j < end and (no window, or j < S, or j >= first_frame).
+    """
+
+    def __init__(self, num_layers: int, window: int | None, sink: int, block_frames: int, member: int, members: int):
+        if block_frames < 1 or not 0 <= member < members:
+            raise ValueError(f"ring cache: block_frames = {block_frames}, member {member} of {members}")
+        self.block_frames, self.member, self.members = block_frames, member, members
+        if window is not None:
+            self.sink_slots = math.ceil(sink / block_frames)
+            self.recent_slots = math.ceil((window - sink) / block_frames)
+            self.slots = self.sink_slots + self.recent_slots
+        else:
+            self.sink_slots, self.recent_slots, self.slots = 0, 0, 0
+        self._visible_key: tuple | None = None
+        self._visible: list | None = None
+        super().__init__(num_layers, window, sink)
+
+    layer_cls = RingLayerKV
+
+    # ---- geometry --------------------------------------------------------------------------------
+    def block_slot(self, block: int) -> int:
+        if self.window is None or block < self.sink_slots:
+            return block
+        return self.sink_slots + (block - self.sink_slots) % self.recent_slots
+
+    def reserve(self, frames: int) -> None:
+        if self.window is None:
+            self.slots = max(self.slots, math.ceil(frames / self.block_frames))
+
+    def begin(self, start: int, frames: int) -> None:
+        if frames != self.block_frames or start % self.block_frames:
+            raise ValueError(f"ring cache: blocks of {self.block_frames} frames at multiples of {self.block_frames}; "
+                             f"got {frames} frames at frame {start}")
+        super().begin(start, frames)
+        if self.window is None:
+            self.slots = max(self.slots, self.end // self.block_frames)
+
+    @property
+    def written_blocks(self) -> int:
+        return self.end // self.block_frames
+
+    def visible_runs(self, length: int, chunk: int, device) -> list[tuple[int, int, torch.Tensor | None]]:
+        """What the current block attends to: (first slot, end slot, key mask) per run of adjacent slots holding
+        a block with a visible key (usually one run over every held slot). The mask is None when every key of
+        the run is visible, else bool over the run's segment-global index — member m's keys are
+        [m·len, (m+1)·len) with len = (end - first)·chunk, `KVSegment`'s convention — False for padding and
+        evicted frames. The same on every rank (block bookkeeping only); made once per block, for all layers."""
+        key = (self.end, self.block, length, chunk, str(device))
+        if self._visible_key == key:
+            return self._visible
+        runs: list[list[tuple[int, torch.Tensor | None]]] = []
+        for slot, mask in self.visible_slots(length, chunk):
+            if runs and runs[-1][-1][0] + 1 == slot:
+                runs[-1].append((slot, mask))
+            else:
+                runs.append([(slot, mask)])
+        out = []
+        for run in runs:
+            mask = None
+            if any(m is not None for _, m in run):
+                full = torch.ones(self.members, chunk, dtype=torch.bool)
+                mask = torch.stack([full if m is None else m for _, m in run], dim=1).reshape(-1).to(device)
+            out.append((run[0][0], run[-1][0] + 1, mask))
+        self._visible_key, self._visible = key, out
+        return out
+
+    def visible_slots(self, length: int, chunk: int) -> list[tuple[int, torch.Tensor | None]]:
+        """(slot, mask) for every held block with a visible key, in slot order; mask: bool [members, chunk] over
+        each member's chunk of that block (True = attend), None when every key of the block is visible.
+        length: tokens of one block (L); chunk: tokens per member (n; members·n = Lp >= L)."""
+        bf = self.block_frames
+        frame_tokens = length // bf
+        padded = self.members * chunk
+        tok = torch.arange(padded)
+        out = []
+        for b in range(self.written_blocks):
+            frames = [b * bf + j for j in range(bf)]
+            seen = [f < self.end and (self.window is None or f < self.sink or f >= self.first_frame) for f in frames]
+            if not any(seen):
+                continue  # every frame of the block evicted: its slot holds a newer block now
+            if all(seen) and padded == length:
+                out.append((self.block_slot(b), None))
+                continue
+            frame_seen = torch.tensor(seen + [False])  # index bf: the padding rows
+            mask = frame_seen[torch.clamp(tok // frame_tokens, max=bf)] & (tok < length)
+            out.append((self.block_slot(b), mask.view(self.members, chunk)))
+        out.sort(key=lambda item: item[0])
+        return out
+
+
+
+
+class CausalSequenceParallel:
+    """The cache attention and the cache type of one rank under a `SequenceParallelLayout`.
+
+    `attend(q, k, v, layer)` gets this rank's chunk [B, s, H, D] of the block's queries, keys (post-RoPE) and
+    values and returns its chunk of the attention output; `new_cache(...)` makes the matching cache. The
+    layout's `length` (set by `shard` in the block forward) is the block's unpadded token count.
+    """
+
+    def __init__(self, layout: SequenceParallelLayout):
+        self.layout = layout
+        self.attn = layout.attn
+        self.ulysses, self.ring = layout.attn.ulysses.size, layout.attn.ring.size
+
+    @property
+    def scheme(self) -> str:
+        if self.ring == 1:
+            return "ulysses"
+        return "ring" if self.ulysses == 1 else "hybrid"
+
+    def new_cache(self, num_layers: int, window: int | None, sink: int, block_frames: int) -> KVCache:
+        if self.ring == 1:
+            return KVCache(num_layers, window, sink)
+        return RingKVCache(num_layers, window, sink, block_frames, self.attn.ring.rank, self.ring)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer) -> torch.Tensor:
+        heads = q.shape[2]
+        if heads % self.ulysses:
+            raise ValueError(f"Ulysses degree {self.ulysses} must divide the number of attention heads ({heads})")
+        length = self.layout.length
+        if length is None:
+            raise RuntimeError("causal SP attention before the layout sharded the block (its length is unknown)")
+        q, k, v = self.attn.scatter_heads([q, k, v])  # [B, U*s, H/U, D]: ring member's chunk, this rank's heads
+        if isinstance(layer, LayerKV):  # Ulysses: every token of the block is here; drop the padded rows
+            out = cache_attention(q, k[:, :length], v[:, :length], layer)
+        else:
+            layer.write(k, v)
+            out = self.attn.attend_scattered(q, layer.segments(length))
+        return self.attn.gather_heads(out)
+
+
+def attach(causal: CausalDiT, layout: SequenceParallelLayout | None) -> CausalDiT:
+    """Run `causal` under `layout` (its DiT's layout must be it): the sharded attention and cache. None or a
+    local layout: the one-process attention and cache."""
+    from model.causal import local_cache
+
+    if layout is None or not layout.sharded:
+        return causal.use_attention(cache_attention, local_cache)
+    if causal.dit.layout is not layout:
+        raise ValueError("attach: set the DiT's layout to this SP layout first (dit.layout = layout)")
+    sp = CausalSequenceParallel(layout)
+    return causal.use_attention(sp.attend, sp.new_cache)
