@@ -5,7 +5,9 @@
 
 The config's `parallel` block (seq_p_size, seq_p_attn_type, cfg_p_size, ulysses_degree/ring_degree,
 dit_fsdp) sets the group layout; torchrun's WORLD_SIZE must match it. Rank 0 encodes, writes the mp4 and
-prints the JSON summary; every rank denoises. Errors end with one line on stderr (exit 2).
+prints the JSON summary; every rank denoises. `--model_cls wan2.1_causvid` generates the config's
+num_fragments fragments block by block, its K/V cache sharded over the group (parallel/causal.py).
+Errors end with one line on stderr (exit 2).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from model.pipeline import Cancelled, Request, RequestError
 
+    from .causal_runner import CausalRunner, load_rank_causal_pipeline
     from .runner import ParallelRunner, RemoteError, load_rank_pipeline
 
     group = None
@@ -37,8 +40,10 @@ def main(argv=None) -> int:
         device = default_device() if args.device == "cuda" else torch.device(args.device)
         group = join_from_env(GroupLayout.from_parallel(cfg.parallel), device=device)
         roots = args.lora_root or [args.model_path] + ([str(Path(args.config_json).parent)] if args.config_json else [])
-        pipe = load_rank_pipeline(args.model_path, cfg, group.rank, device, lora_roots=roots)
-        runner = ParallelRunner(pipe, group)
+        causvid = cfg.model_cls == "wan2.1_causvid"
+        load = load_rank_causal_pipeline if causvid else load_rank_pipeline
+        pipe = load(args.model_path, cfg, group.rank, device, lora_roots=roots)
+        runner = (CausalRunner if causvid else ParallelRunner)(pipe, group)
         request = None
         if group.rank == 0:
             image = None
@@ -48,8 +53,9 @@ def main(argv=None) -> int:
                 from PIL import Image
 
                 image = Image.open(args.image_path).convert("RGB")
-            request = Request(args.prompt, args.negative_prompt, image, args.seed, args.target_video_length,
-                              args.target_height, args.target_width)
+            frames = None if causvid else args.target_video_length  # CausVid: num_fragments x num_frames
+            request = Request(args.prompt, args.negative_prompt, image, args.seed, frames, args.target_height,
+                              args.target_width)
         result = runner.generate(request)
         if result is not None:
             path = result.save(args.save_result_path)
