@@ -117,16 +117,19 @@ def speed_table(gpu: str = "H100", target_vpm: float = 10.0) -> str:
 
 
 def causvid_table(gpu: str = "H100", node_gpus: int = 8) -> str:
-    lines = ["| CausVid, 832x480 (1560 tokens/frame) | DiT weights | window (latent frames) | KV cache per session "
-             f"| sessions per GPU | sessions per {node_gpus}-GPU node |",
-             "|---|---|---:|---:|---:|---:|"]
+    """Sessions per node: node_gpus replicas of SP 1, or one replica of SP node_gpus (rank 0 is the limit)."""
+    lines = ["| CausVid, 832x480 (1560 tokens/frame) | DiT weights | window (latent frames) | SP | memory per "
+             f"session (rank 0) | sessions per replica | sessions per {node_gpus}-GPU node |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for model, dtype, window in (("1.3B", "bf16", 21), ("1.3B", "bf16", 9), ("14B", "bf16", 21),
                                  ("14B", "int8", 21), ("14B", "int8", 9), ("14B", "fp8", 9)):
-        w = cap.Workload(model=model, dtype=dtype, steps=4, cfg=False, causvid_window=window)
-        m = cap.memory(w, gpu)
-        lines.append(f"| {model} | {dtype} {m.dit_weights / cap.GB:.1f} GB | {window} "
-                     f"| {m.causvid_session / cap.GIB:.2f} GiB | {m.causvid_sessions} "
-                     f"| {m.causvid_sessions * node_gpus} |")
+        for sp in (1, node_gpus):
+            split = {"ring": sp} if model == "1.3B" else {"ulysses": sp}  # 12 heads: ring for 8 GPUs
+            w = cap.Workload(model=model, dtype=dtype, steps=4, cfg=False, causvid_window=window, **split)
+            m = cap.memory(w, gpu)
+            lines.append(f"| {model} | {dtype} {m.dit_weights / cap.GB:.1f} GB | {window} | {sp} "
+                         f"| {m.causvid_session / cap.GIB:.2f} GiB | {m.causvid_sessions} "
+                         f"| {m.causvid_sessions * node_gpus // sp} |")
     return "\n".join(lines)
 
 
@@ -149,8 +152,10 @@ def readme_tables() -> str:
         f"bandwidth range); base/distill: DiT time {base8.dit_s / distill8.dit_s:.1f}x, total "
         f"{base8.total_s / distill8.total_s:.1f}x.",
         f"CausVid sessions next to the weights (T5 and VAE resident, {cap.RESERVED_BYTES / cap.GB:.0f} GB reserved, "
-        f"SP 1; a session holds K and V of every layer for the window, plus its prompt's cross-attention "
-        f"K/V):\n\n{causvid_table()}",
+        f"counted on rank 0, the busiest GPU of a replica; a session holds its share of the K/V of every layer "
+        f"for the window (split over the SP group), its prompt's cross-attention K/V (on every rank) and the "
+        f"streaming VAE decoder's state (fp32, rank 0). Idle sessions move to CPU memory and free all of it):"
+        f"\n\n{causvid_table()}",
         f"Calibration: least squares on Wan2.1's published H100 14B 720p times (T2V 50 and I2V 40 steps, CFG; "
         f"1 GPU with offload, 2/4/8 GPUs FSDP + Ulysses). MFU {c.mfu:.3f} of 989 TFLOP/s BF16; VAE "
         f"{c.vae_eff:.3f} of 495 TFLOP/s TF32; collectives at {c.comm_eff * link:.0f} GB/s per rank "

@@ -505,6 +505,16 @@ def causvid_cache_bytes(arch: DiTArch, frame_tokens: int, window_frames: int,
     return window_frames * frame_tokens * arch.num_layers * 2 * arch.dim * dtype_bytes
 
 
+# The streaming VAE decoder of a CausVid session keeps every causal conv's last input frames (fp32) between
+# blocks: 9,458 bytes per output pixel for the Wan2.1 VAE (measured: diffusers AutoencoderKLWan's decoder
+# feature cache after >= 2 latent frames, exactly linear in pixels; 3.52 GiB at 832x480). Held on rank 0 only.
+STREAM_DECODER_BYTES_PER_PIXEL = 9458
+
+
+def stream_decoder_bytes(width: int, height: int) -> int:
+    return STREAM_DECODER_BYTES_PER_PIXEL * width * height
+
+
 def cross_cache_bytes(arch: DiTArch, dtype_bytes: int = COMPUTE_BYTES) -> int:
     """Cross-attention K/V of one session's prompt (+ image), computed once and kept: layers x 2 x ctx x dim."""
     context = arch.text_len + (ClipArch().num_tokens if arch.is_i2v else 0)
@@ -804,7 +814,7 @@ class Memory:
     dit_activations: int  # peak of one forward (`dit_activation_bytes`)
     vae_decode: int  # decode working memory (calibrated per output pixel)
     capacity: float
-    causvid_session: int  # self-attention KV cache (window) + cross-attention cache of one session, per GPU
+    causvid_session: int  # one session on rank 0: its K/V cache share, cross-attention cache, VAE decoder state
     causvid_activations: int  # one CausVid block forward
 
     @property
@@ -841,8 +851,10 @@ def memory(w: Workload, gpu: GPU | str = "H100", cal: Calibration | None = None)
         dit_activations=dit_activation_bytes(arch, w.tokens, w.sp),
         vae_decode=int(cal.vae_bytes_per_pixel * w.width * w.height),
         capacity=gpu.memory_bytes,
-        # K/V of a session split over the SP group (Ulysses by heads, ring by tokens)
-        causvid_session=(causvid_cache_bytes(arch, w.frame_tokens, window) + cross_cache_bytes(arch)) // w.sp,
+        # rank 0's share of a session: the K/V cache split over the SP group (Ulysses by heads, ring by
+        # tokens); the prompt's cross-attention K/V on every rank; the streaming VAE decoder state (rank 0)
+        causvid_session=(causvid_cache_bytes(arch, w.frame_tokens, window) // w.sp + cross_cache_bytes(arch)
+                         + stream_decoder_bytes(w.width, w.height)),
         causvid_activations=dit_activation_bytes(arch, block_tokens, w.sp),
     )
 

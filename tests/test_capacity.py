@@ -120,9 +120,14 @@ def test_causvid_cache_memory():
     assert cap.cross_cache_bytes(WAN21_T2V_1_3B) / 2 ** 20 == pytest.approx(90)  # 90 MiB (section 1.4)
     w = cap.Workload(model="1.3B", steps=4, cfg=False, causvid_window=21)
     m = cap.memory(w, "H100")
-    assert m.causvid_session == cache + cap.cross_cache_bytes(WAN21_T2V_1_3B)
+    decoder = 9458 * 832 * 480  # the streaming VAE decoder state, measured in fp32 (3.52 GiB)
+    assert cap.stream_decoder_bytes(832, 480) / cap.GIB == pytest.approx(3.52, abs=0.01)
+    assert m.causvid_session == cache + cap.cross_cache_bytes(WAN21_T2V_1_3B) + decoder
     free = 80e9 - cap.RESERVED_BYTES - m.weights - max(m.causvid_activations, m.vae_decode)
     assert m.causvid_sessions == int(free // m.causvid_session) > 0
+    # under SP only the K/V cache is split: every rank keeps the cross-attention cache, rank 0 the decoder
+    sp8 = cap.memory(cap.Workload(model="1.3B", steps=4, cfg=False, causvid_window=21, ring=8), "H100")
+    assert sp8.causvid_session == cache // 8 + cap.cross_cache_bytes(WAN21_T2V_1_3B) + decoder
 
 
 def test_activation_formula_on_known_cases():
