@@ -153,6 +153,21 @@ def test_bytes_sent_per_forward(ranks):
         assert out["bytes"][("ring", "t2v4", "even", False)] == ring
 
 
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_capacity_model_predicts_bytes_sent(ranks, case):
+    """The capacity model's SP volume (parallel/capacity.py) against the bytes the gloo run sent: within 5 %."""
+    from parallel.capacity import sp_bytes_per_forward
+
+    arch = ARCHS[case[0]][0]
+    shape = SHAPES[case[1]]
+    tokens = arch.num_tokens(shape["frames"], shape["h"], shape["w"])
+    for mode, (u, r) in (("ulysses", (2, 1)), ("ring", (1, 2))):
+        predicted = sp_bytes_per_forward(arch, tokens, u, r, dtype_bytes=4, gather_bytes=4, batch=2).total
+        for out in ranks:
+            sent = out["bytes"][(mode, *case)]
+            assert abs(sent - predicted) <= 0.05 * sent, (mode, sent, predicted)
+
+
 def test_padding_must_be_masked(ranks):
     """Control: attending to the padded keys (upstream Wan/xDiT) is visibly wrong on the same case."""
     dit, kw = case_inputs("t2v4", "padded", False)
