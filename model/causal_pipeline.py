@@ -66,13 +66,11 @@ import numpy as np
 import torch
 
 from .causal import ROPE_MAX_POSITIONS, CausalDiT, tensor_bytes
-from .checkpoint import ModelFolder
 from .config import ConfigError, RunConfig, validated
 from .dit import WanModel
 from .encoders import TextEncoder
-from .loader import default_dtype, read_dit_arch
 from .pipeline import (MAX_PROMPT_CHARS, Cancelled, CancelFn, Generation, Progress, ProgressFn, RequestError, _Timer,
-                       component_archs, load_pipeline_dit)
+                       load_components)
 from .schedulers import make_sampler
 from .vae import WanVAE
 from .video import to_uint8, write_mp4
@@ -144,17 +142,7 @@ class CausVidPipeline:
                         denoise_only: bool = False) -> "CausVidPipeline":
         """`<model_path>/causvid_models/causal_model.{safetensors,pt}` (or `dit_original_ckpt`; with lora_configs
         the base DiT plus LoRAs, as LightX2V), the base folder's T5 and VAE (not with denoise_only)."""
-        device = torch.device(device)
-        dtype = dtype or default_dtype(device)
-        folder = ModelFolder.open(model_path)
-        check_causvid(cfg, read_dit_arch(folder))  # before loading gigabytes
-        archs = component_archs(folder)
-        dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
-        if denoise_only:
-            return cls(dit, None, None, cfg, device)
-        text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
-                                device=device)
-        vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
+        dit, text, vae, _ = load_components(model_path, cfg, check_causvid, device, dtype, lora_roots, denoise_only)
         return cls(dit, text, vae, cfg, device)
 
     # ---- requests --------------------------------------------------------------------------------

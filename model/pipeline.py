@@ -185,18 +185,7 @@ class WanPipeline:
                         dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None,
                         denoise_only: bool = False) -> "WanPipeline":
         """denoise_only: load the DiT alone (the ranks > 0 of a parallel group never encode or decode)."""
-        device = torch.device(device)
-        dtype = dtype or default_dtype(device)
-        folder = ModelFolder.open(model_path)
-        check_task(cfg, read_dit_arch(folder))  # before loading gigabytes
-        archs = component_archs(folder)
-        dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
-        if denoise_only:
-            return cls(dit, None, None, cfg, None, device)
-        text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
-                                device=device)
-        vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
-        image = ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device) if cfg.task == "i2v" else None
+        dit, text, vae, image = load_components(model_path, cfg, check_task, device, dtype, lora_roots, denoise_only)
         return cls(dit, text, vae, cfg, image, device)
 
     # ---------------------------------------------------------------------------------------------
@@ -329,6 +318,26 @@ def check_task(cfg: RunConfig, arch) -> None:
         raise ConfigError("task = 't2v': this model folder holds an I2V DiT; use task i2v")
     if cfg.model_cls == "wan2.1_causvid":
         raise ConfigError("model_cls = 'wan2.1_causvid' generates block by block: use the CausVid pipeline")
+
+
+def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, lora_roots: list[str | Path] | None = None,
+                    denoise_only: bool = False):
+    """(dit, text encoder, VAE, CLIP) of a model folder as cfg asks; check(cfg, arch) runs before any weight
+    is read. denoise_only: the DiT alone (None for the rest); CLIP only for i2v."""
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    folder = ModelFolder.open(model_path)
+    check(cfg, read_dit_arch(folder))  # before loading gigabytes
+    archs = component_archs(folder)
+    dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
+    if denoise_only:
+        return dit, None, None, None
+    text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
+                            device=device)
+    vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
+    image = ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device) if cfg.task == "i2v" else None
+    return dit, text, vae, image
 
 
 def component_archs(folder: ModelFolder) -> ComponentArchs:
