@@ -69,8 +69,8 @@ from .causal import ROPE_MAX_POSITIONS, CausalDiT, tensor_bytes
 from .config import ConfigError, RunConfig, validated
 from .dit import WanModel
 from .encoders import TextEncoder
-from .pipeline import (MAX_PROMPT_CHARS, Cancelled, CancelFn, Generation, Progress, ProgressFn, RequestError, _Timer,
-                       load_components)
+from .pipeline import (MAX_PROMPT_CHARS, Cancelled, CancelFn, Generation, Progress, ProgressFn, RequestError,
+                       StageTimer, load_components)
 from .schedulers import make_sampler
 from .vae import WanVAE
 from .video import to_uint8, write_mp4
@@ -362,7 +362,7 @@ class CausalSession:
             raise RequestError(f"this session is at latent frame {first}; fragment {fragment + 1} would need frames up "
                                f"to {first + todo * bf}, beyond RoPE's {ROPE_MAX_POSITIONS} positions (Wan's RoPE "
                                "table). Start a new session, or run with fragment_continuation = 'last_block'")
-        timer = _Timer(pipe.device)
+        timer = StageTimer(pipe.device)
         t0 = time.perf_counter()
         total = todo * (len(pipe.sampler) + 1) + anchor
         counter = [0, total]

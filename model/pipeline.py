@@ -6,6 +6,7 @@ DiT steps; every stage is timed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -97,23 +98,21 @@ class Request:
     width: int | None = None
 
 
-class _Timer:
+class StageTimer:
+    """`with timer("dit"): ...` adds the block's wall time to timings["dit"] (synchronising CUDA first)."""
+
     def __init__(self, device: torch.device):
         self.device, self.timings = device, {}
 
+    @contextlib.contextmanager
     def __call__(self, stage: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                timer.timings[stage] = timer.timings.get(stage, 0.0) + time.perf_counter() - self.t0
-
-        return _Span()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def image_to_tensor(image) -> torch.Tensor:
@@ -210,10 +209,10 @@ class WanPipeline:
         return Request(req.prompt, req.negative_prompt, req.image, merged.seed, merged.target_video_length,
                        merged.target_height, merged.target_width)
 
-    def encode(self, req: Request, timer: _Timer | None = None, progress: ProgressFn | None = None) -> Conditioning:
+    def encode(self, req: Request, timer: StageTimer | None = None, progress: ProgressFn | None = None) -> Conditioning:
         """Text (+ negative prompt under CFG), and for I2V the CLIP tokens and the VAE latent of the first frame."""
         self._need_codecs("encode")
-        timer = timer or _Timer(self.device)
+        timer = timer or StageTimer(self.device)
         cfg, arch = self.cfg, self.arch
         with timer("text"):
             prompts = [req.prompt]
@@ -292,7 +291,7 @@ class WanPipeline:
                  frames: int | None = None, height: int | None = None, width: int | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Generation:
         req = self.check(Request(prompt, negative_prompt, image, seed, frames, height, width))
-        timer = _Timer(self.device)
+        timer = StageTimer(self.device)
         t0 = time.perf_counter()
         cond = self.encode(req, timer, progress)
         if cancel and cancel():

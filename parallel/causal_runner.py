@@ -48,12 +48,12 @@ import torch.distributed as dist
 from model.attention import LOCAL
 from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline
 from model.config import ConfigError, RunConfig
-from model.pipeline import Cancelled, Generation, Progress, Request, RequestError
+from model.pipeline import Cancelled, Generation, Progress, Request, RequestError, StageTimer
 
 from .attention import CommStats, SequenceParallelLayout
 from .causal import attach
 from .group import Group, GroupLayout
-from .runner import RemoteError, _Stages
+from .runner import RemoteError
 
 IDLE_DEVICE = torch.device("cpu")
 
@@ -372,7 +372,7 @@ class CausalRunner:
         """LightX2V's one call (`num_fragments` fragments of one throwaway session) on every rank. Rank 0 needs
         the request, checks it and shares (prompt, seed, size); it returns the Generation, the others None."""
         group, pipe = self.group, self.pipe
-        timer = _Stages(group.device)
+        timer = StageTimer(group.device)
         t0 = time.perf_counter()
         self.comm.reset()
         self.current = None  # progress() reports no session for this job

@@ -15,7 +15,6 @@ request errors are broadcast so every rank leaves the job in the same state and 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from model.pipeline import (
     Progress,
     Request,
     RequestError,
+    StageTimer,
     WanPipeline,
 )
 
@@ -48,23 +48,6 @@ def load_rank_pipeline(model_path: str | Path, cfg: RunConfig, rank: int, device
     """Rank 0: the whole pipeline; other ranks: the DiT only (they never encode or decode)."""
     return WanPipeline.from_pretrained(model_path, cfg, device=device, dtype=dtype, lora_roots=lora_roots,
                                        denoise_only=rank != 0)
-
-
-class _Stages:
-    """Stage timer with the `timer(stage)` protocol `WanPipeline.encode` uses."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.timings = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 class ParallelRunner:
@@ -152,7 +135,7 @@ class ParallelRunner:
         """Run one generation on this rank. Rank 0 needs the request and returns the `Generation`; the other
         ranks may pass None and return None. progress/cancel are rank 0's."""
         group, pipe = self.group, self.pipe
-        timer = _Stages(group.device)
+        timer = StageTimer(group.device)
         t0 = time.perf_counter()
         self.stats.reset()
 
