@@ -1,0 +1,121 @@
+"""Prompt adherence and wall time of the demo model's generators over a fixed prompt set; prints JSON.
+
+    python benchmarks/quality.py [--model demo_model] [--n 24] [--threads 1]
+
+For each generator — the teacher (50-step UniPC + CFG 5, configs/tiny/base_t2v.json), the 4-step student
+(configs/tiny/distill_t2v.json) and the causal student (configs/tiny/demo_causvid_t2v.json, one fragment) —
+every prompt of `training.data.eval_prompts(n)` (balanced over shapes and directions) is generated with seed
+1000 + i through the real pipeline on the shipped weights, written as mp4, read back and scored by
+training/quality.py. Adherence = mean fraction of (shape, colour, direction) right; "full" = all three.
+
+Wall times: each generate() call end to end (text encoding, DiT, VAE decode; not the mp4 write), after one
+untimed warm-up call. The teacher/distill speed ratio is measured separately in `--speed-rounds`
+interleaved rounds (teacher, then distill, same prompt) and uses the fastest run of each, the one least
+disturbed by other load on a shared machine; the ratio of the median times of the adherence pass is
+reported too. Runs single-threaded by default: on a loaded 2-core machine two threads mostly wait for
+each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training import data
+from training.demo import CONFIGS, generate, load_pipeline
+from training.quality import score, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {"teacher_min": 0.80, "distill_within": 0.10, "causal_within": 0.15, "e2e_speedup_min": 15.0}
+
+
+def run_variant(pipe, variant: str, prompts: list[str], out: Path) -> dict:
+    generate(pipe, variant, prompts[0], 999)  # warm-up, untimed
+    results, seconds, dit = [], [], []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        gen = generate(pipe, variant, prompt, 1000 + i)
+        seconds.append(time.perf_counter() - t0)
+        dit.append(gen.timings.get("dit", float("nan")))
+        path = gen.save(out / f"{variant}_{i:02d}.mp4")
+        results.append(score(path, prompt))
+        nfe = gen.nfe
+    return {**summarize(results), "nfe_per_video": nfe,
+            "seconds": {"mean": round(statistics.mean(seconds), 4), "median": round(statistics.median(seconds), 4),
+                        "min": round(min(seconds), 4), "total": round(sum(seconds), 2),
+                        "dit_mean": round(statistics.mean(dit), 4)},
+            "per_prompt": [{"prompt": r["prompt"], "correct": r["correct"], "detected": {
+                k: r["detected"][k] for k in ("shape", "colour", "direction", "background")}} for r in results]}
+
+
+def speed_rounds(teacher, distill, rounds: int) -> dict:
+    t, d = [], []
+    for r in range(rounds):
+        p = data.eval_prompts(rounds)[r]
+        t0 = time.perf_counter()
+        generate(teacher, "teacher", p, 2000 + r)
+        t.append(time.perf_counter() - t0)
+        for k in range(3):
+            t0 = time.perf_counter()
+            generate(distill, "distill", p, 2000 + r)
+            d.append(time.perf_counter() - t0)
+    return {"teacher_min_s": round(min(t), 4), "distill_min_s": round(min(d), 4),
+            "e2e_speedup": round(min(t) / min(d), 2), "rounds": rounds}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "demo_model"))
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--skip", action="append", default=[], choices=sorted(CONFIGS))
+    ap.add_argument("--out", default=None, help="keep the mp4s here (default: a temporary directory)")
+    ap.add_argument("--per-prompt", action="store_true", help="include every clip's detection in the JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    prompts = data.eval_prompts(args.n)
+    report: dict = {"model": str(model), "prompts": args.n, "threads": args.threads,
+                    "device": "cpu", "attributes": ["shape", "colour", "direction"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        pipes = {}
+        for variant in CONFIGS:
+            if variant in args.skip or (variant == "causal" and not (model / "causvid_models").is_dir()):
+                continue
+            pipes[variant] = load_pipeline(variant, model)
+            res = run_variant(pipes[variant], variant, prompts, out)
+            if not args.per_prompt:
+                res.pop("per_prompt")
+            report[variant] = res
+            print(f"{variant}: adherence {res['adherence']:.3f} full {res['full']:.3f} "
+                  f"{res['seconds']['median']:.3f} s/video", file=sys.stderr, flush=True)
+        if "teacher" in pipes and "distill" in pipes:
+            report["speed"] = speed_rounds(pipes["teacher"], pipes["distill"], args.speed_rounds)
+            report["speed"]["e2e_speedup_median_of_adherence_pass"] = round(
+                report["teacher"]["seconds"]["median"] / report["distill"]["seconds"]["median"], 2)
+    if "teacher" in report:
+        t = report["teacher"]["adherence"]
+        acc = {"teacher_adherence_ge_0.80": t >= TARGETS["teacher_min"]}
+        if "distill" in report:
+            acc["distill_within_10_points"] = report["distill"]["adherence"] >= t - TARGETS["distill_within"]
+        if "causal" in report:
+            acc["causal_within_15_points"] = report["causal"]["adherence"] >= t - TARGETS["causal_within"]
+        if "speed" in report:
+            acc["distill_e2e_speedup_ge_15x"] = report["speed"]["e2e_speedup"] >= TARGETS["e2e_speedup_min"]
+        report["acceptance"] = acc
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
