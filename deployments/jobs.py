@@ -320,6 +320,17 @@ class JobStore:
             out[JobState(state)] = n
         return out
 
+    def queued_sessions(self, model: str | None = None) -> set[str]:
+        """Session ids that have queued jobs."""
+        sql, args = "SELECT DISTINCT session_id FROM jobs WHERE state = 'queued' AND session_id IS NOT NULL", ()
+        if model is not None:
+            sql, args = sql + " AND model = ?", (model,)
+        return {r[0] for r in self._read(sql, args)}
+
+    def session_jobs(self, session_id: str) -> list[Job]:
+        """Every job of a session, oldest first."""
+        return [_row_to_job(r) for r in self._read(_SELECT + " WHERE session_id = ? ORDER BY seq", (session_id,))]
+
     def queue_depth(self, model: str | None = None) -> int:
         """Jobs waiting (state queued; running ones not included)."""
         sql, args = "SELECT COUNT(*) FROM jobs WHERE state = 'queued'", ()
@@ -329,15 +340,21 @@ class JobStore:
 
     # -- worker side --------------------------------------------------------------------------------
 
-    def claim_next(self, models: Iterable[str]) -> Job | None:
-        """Atomically move the oldest queued job of `models` to in_progress (attempts + 1)."""
+    def claim_next(self, models: Iterable[str], skip_sessions: Iterable[str] = ()) -> Job | None:
+        """Atomically move the oldest queued job of `models` to in_progress (attempts + 1).
+
+        skip_sessions: session ids whose jobs must wait (their session is busy elsewhere); the oldest job
+        of any other session, or of none, is claimed instead."""
         models = [models] if isinstance(models, str) else list(models)
         if not models:
             return None
+        skip = sorted(set(skip_sessions))
         marks = ", ".join("?" * len(models))
+        where = f"state = 'queued' AND model IN ({marks})"
+        if skip:
+            where += f" AND (session_id IS NULL OR session_id NOT IN ({', '.join('?' * len(skip))}))"
         with self._write() as c:
-            row = c.execute(f"SELECT id FROM jobs WHERE state = 'queued' AND model IN ({marks}) "
-                            "ORDER BY seq LIMIT 1", models).fetchone()
+            row = c.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY seq LIMIT 1", [*models, *skip]).fetchone()
             if row is None:
                 return None
             c.execute("UPDATE jobs SET state = 'in_progress', attempts = attempts + 1, started_at = ?, "
@@ -345,15 +362,18 @@ class JobStore:
             return self._get(c, row[0])
 
     def progress(self, job_id: str, step: int, total: int, stage: str | None = None,
-                 attempt: int | None = None) -> Job | None:
-        """Record step k of n (and the stage name) of a running job."""
+                 attempt: int | None = None, percent: int | None = None) -> Job | None:
+        """Record step k of n (and the stage name) of a running job. `percent` (capped at 99) is the
+        job's overall progress when the caller weighs stages itself; default step * 100 // total."""
         with self._write() as c:
             job = self._get(c, job_id)
             if job is None or job.state is not JobState.in_progress or self._stale(job, attempt):
                 self._ignored("progress", job_id, job, attempt)
                 return None
             pct = job.progress
-            if total > 0:
+            if percent is not None:
+                pct = max(0, min(99, int(percent)))
+            elif total > 0:
                 pct = max(0, min(99, int(step) * 100 // int(total)))
             self._set(c, job_id, step=int(step), total=int(total), stage=stage, progress=pct)
             return self._get(c, job_id)

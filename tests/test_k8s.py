@@ -20,7 +20,7 @@ SHARED_CRD = REPO.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"  # d
 MANIFESTS = {"demo": REPO / "k8s" / "rayservice-demo.yaml", "wan14b": REPO / "k8s" / "rayservice-wan14b.yaml"}
 SERVE_CONFIGS = {"demo": REPO / "configs" / "serve" / "demo.yaml",
                  "wan14b": REPO / "configs" / "serve" / "wan21-14b.yaml"}
-MODEL_KEYS = {"name", "model_path", "model_cls", "task", "config_json", "device", "sp_size"}
+MODEL_KEYS = {"name", "model_path", "model_cls", "task", "config_json", "device", "sp_size"}  # given explicitly
 ARG_KEYS = {"state_dir", "models", "image_roots", "lora_roots", "max_queued_jobs", "auth_token_env"}
 
 
@@ -171,14 +171,17 @@ def test_serve_config_file(name):
     schema = check_serve_config(cfg)
     assert schema.http_options.port == 8000
     args = schema.applications[0].args
-    assert set(args) == ARG_KEYS, set(args) ^ ARG_KEYS
+    from deployments.config import parse_args
+
+    parse_args(args)  # the app's own validation: every key known, every value in range
+    assert ARG_KEYS <= set(args), ARG_KEYS - set(args)
     assert isinstance(args["max_queued_jobs"], int) and args["max_queued_jobs"] > 0
     assert args["auth_token_env"] is None or re.fullmatch(r"[A-Z_][A-Z0-9_]*", args["auth_token_env"])
     assert isinstance(args["image_roots"], list) and isinstance(args["lora_roots"], list)
     names, missing = set(), []
     for m in args["models"]:
         scaling = {"num_replicas", "autoscaling"} & set(m)
-        assert set(m) - {"num_replicas", "autoscaling"} == MODEL_KEYS and len(scaling) == 1, m
+        assert MODEL_KEYS <= set(m) and len(scaling) == 1, m
         assert m["name"] not in names and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", m["name"])
         names.add(m["name"])
         assert m["model_cls"] in {"wan2.1", "wan2.1_distill", "wan2.1_causvid"}
@@ -240,14 +243,21 @@ def test_gpu_manifest_matches_sp_size(manifests):
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert toleration in g["template"]["spec"]["tolerations"]
     assert "nvidia.com/gpu" not in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    # volumes: models read-only at /models, state at state_dir, on every worker that runs the router or a generator
+    # volumes: models read-only at /models on every worker; state at state_dir on the router's group only (the
+    # group offering the resource router_resources asks for): generators send their mp4s back through Ray
+    (pin,) = args["router_resources"]
+    router_groups = [gr["groupName"] for gr in rc["workerGroupSpecs"] if pin in gr.get("resources", {})]
+    assert router_groups == ["cpu"], router_groups
     for group in rc["workerGroupSpecs"]:
         spec = group["template"]["spec"]
         claims = {v["name"]: v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
         mounts = {vm["mountPath"]: vm for vm in spec["containers"][0]["volumeMounts"]}
         assert claims[mounts["/models"]["name"]] == {"claimName": "wan-models", "readOnly": True}
         assert mounts["/models"]["readOnly"] is True
-        assert claims[mounts[args["state_dir"]]["name"]] == {"claimName": "wanserve-state"}
+        if group["groupName"] in router_groups:
+            assert claims[mounts[args["state_dir"]]["name"]] == {"claimName": "wanserve-state"}
+        else:
+            assert args["state_dir"] not in mounts and "wanserve-state" not in {c["claimName"] for c in claims.values()}
     assert all(r.startswith(args["state_dir"] + "/") for r in args["image_roots"])
     assert all(r.startswith("/models/") for r in args["lora_roots"])
     # the bearer token reaches every Ray container from a Secret
