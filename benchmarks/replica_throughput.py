@@ -5,6 +5,9 @@ worker, so two replicas fit two cores). The 8 jobs are submitted together; the c
 one is completed (followed on the event streams, no polling). Prints JSON with `ratio` = time with 1
 replica / time with 2 (goal >= 1.7) and how the jobs spread over the replicas. Other load on the machine
 (`load_before`) directly caps the ratio: two workers cannot get two cores if something else holds one.
+`machine_ceiling` runs the same jobs as direct pipeline calls (no Ray) in one process and in two: what two
+single-threaded workers can gain on this machine at all (shared caches and memory bandwidth);
+`ratio_of_ceiling` is the served ratio over it.
 
     python benchmarks/replica_throughput.py [--jobs 8] [--steps 10]
 """
@@ -35,6 +38,44 @@ def follow(url: str, job_id: str) -> dict:
                 if ev["job"]["status"] in ("completed", "failed", "cancelled"):
                     return ev["job"]
     raise RuntimeError(f"event stream of {job_id} ended early")
+
+
+def _direct_worker(root: str, config: str, seeds: list[int]) -> None:
+    import torch
+
+    from model.config import load_run_config
+    from model.pipeline import WanPipeline
+    from model.video import write_mp4
+
+    torch.set_num_threads(1)
+    pipe = WanPipeline.from_pretrained(Path(root), load_run_config(config, model_cls="wan2.1", task="t2v"))
+    pipe.generate(PROMPT, seed=0)  # warm-up, like the served runs
+    barrier.wait()
+    for seed in seeds:
+        gen = pipe.generate(PROMPT, seed=seed)
+        write_mp4(Path(root) / f"direct{seed}.mp4", gen.video, fps=gen.fps)
+
+
+def _init(b) -> None:
+    global barrier
+    barrier = b
+
+
+def ceiling(root: Path, config: Path, procs: int, jobs: int) -> float:
+    """The machine's own limit: the same jobs as direct pipeline calls in `procs` processes (one torch thread
+    each, no Ray), wall seconds from a common start after each process's warm-up."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    b = ctx.Barrier(procs + 1)
+    with ctx.Pool(procs, initializer=_init, initargs=(b,)) as pool:
+        res = [pool.apply_async(_direct_worker, (str(root), str(config), list(range(1 + k, jobs + 1, procs))))
+               for k in range(procs)]
+        b.wait(timeout=600)
+        t0 = time.perf_counter()
+        for r in res:
+            r.get(timeout=1200)
+        return time.perf_counter() - t0
 
 
 def run(url: str, name: str, args: dict, replicas: int, jobs: int) -> dict:
@@ -92,8 +133,14 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
-    print(json.dumps({"ratio": round(one["wall_s"] / two["wall_s"], 3), "goal": ">= 1.7", "jobs": opts.jobs,
-                      "one_replica": one, "two_replicas": two, "cores": os.cpu_count(),
+        direct1, direct2 = ceiling(root, config, 1, opts.jobs), ceiling(root, config, 2, opts.jobs)
+    hw = direct1 / direct2
+    ratio = one["wall_s"] / two["wall_s"]
+    print(json.dumps({"ratio": round(ratio, 3), "goal": ">= 1.7", "jobs": opts.jobs,
+                      "one_replica": one, "two_replicas": two,
+                      "machine_ceiling": {"ratio": round(hw, 3), "one_process_s": round(direct1, 2),
+                                          "two_processes_s": round(direct2, 2)},
+                      "ratio_of_ceiling": round(ratio / hw, 3), "cores": os.cpu_count(),
                       "load_before": round(load, 2), "steps": opts.steps}, indent=1))
 
 

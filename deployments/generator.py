@@ -46,7 +46,7 @@ from .sessions import SessionManager
 
 log = logging.getLogger("ray.serve")
 
-POLL_S = 0.1  # progress polling while a job runs
+POLL_S = 0.25  # progress polling while a job runs (each poll is an actor call that competes with the job)
 SWEEP_S = 5.0  # session TTL / idle-tier sweep
 
 
