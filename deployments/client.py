@@ -66,6 +66,22 @@ def _ended(job: dict) -> dict:
     return job
 
 
+def _wait(job: Job | HandleJob, progress: bool, timeout: float | None, poll: float) -> dict:
+    """Poll job.status() until the job ends (a tqdm bar with progress=True); what Job.wait returns."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = _Bar(progress, job.id)
+    try:
+        while job.status()["status"] not in TERMINAL:
+            bar.update(job.data)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job.id} still {job.data['status']} after {timeout} s")
+            time.sleep(poll)
+        bar.update(job.data)
+    finally:
+        bar.close()
+    return _ended(job.data)
+
+
 class _Bar:
     """A tqdm progress bar of a job's percent (no-op when progress=False)."""
 
@@ -157,18 +173,7 @@ class Job:
 
     def wait(self, progress: bool = False, timeout: float | None = None, poll: float = 0.25) -> dict:
         """Until the job ends; returns it completed, raises JobFailed / JobCancelled / TimeoutError."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _Bar(progress, self.id)
-        try:
-            while self.status()["status"] not in TERMINAL:
-                bar.update(self.data)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.id} still {self.data['status']} after {timeout} s")
-                time.sleep(poll)
-            bar.update(self.data)
-        finally:
-            bar.close()
-        return _ended(self.data)
+        return _wait(self, progress, timeout, poll)
 
     def content(self, timeout: float | None = None) -> bytes:
         if self.data["status"] != "completed":
@@ -427,17 +432,7 @@ class HandleJob:
         return self.data
 
     def wait(self, progress: bool = False, timeout: float | None = None, poll: float = 0.25) -> dict:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _Bar(progress, self.id)
-        try:
-            while self.status()["status"] not in TERMINAL:
-                bar.update(self.data)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.id} still {self.data['status']} after {timeout} s")
-                time.sleep(poll)
-        finally:
-            bar.close()
-        return _ended(self.data)
+        return _wait(self, progress, timeout, poll)
 
     def content(self) -> bytes:
         if self.data["status"] != "completed":
