@@ -235,7 +235,16 @@ def test_a_dead_rank_fails_fast_with_rank_failure(groups, ray_session):
 
     g = groups["sp1"]
     g.open_session("d", PROMPT, seed=1)
-    ray_session.kill(g.actors[0])
+    actor = g.actors[0]
+    ray_session.kill(actor)
+    # ray.kill is asynchronous: a call sent right after it may still be served. Wait until the actor is gone.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray_session.get(actor.__ray_ready__.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - RayActorError once it is dead
+            break
+        time.sleep(0.1)
     with pytest.raises(RankFailure, match=r"rank 0 .* is dead"):
         g.session_info("d")
     with pytest.raises(RankFailure, match="unhealthy"):
