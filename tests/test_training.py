@@ -16,7 +16,7 @@ from model.dit import WanModel
 from model.pipeline import WanPipeline
 from model.schedulers import EulerFlowScheduler, StepDistillScheduler
 from model.tiny import write_tiny_model
-from training.common import EMA, fit, read_jsonl
+from training.common import EMA, ROOT, fit, read_jsonl
 from training.dmd import DMD, DMDConfig
 from training.ode import keep_indices, ode_loss, teacher_trajectory
 from training.sample import noise_for, sample_student, sample_teacher
@@ -296,3 +296,23 @@ def test_training_samplers_equal_the_pipelines(tiny_folder):
     sched = StepDistillScheduler(list(STEPS), 5.0, "deterministic")
     want = causal_rollout(CausalDiT(causvid.dit, 1), ctx, block_noise([5], shape), len(sched) - 1, sched, grad=False)[0]
     assert torch.allclose(got, want, atol=1e-5)
+
+
+DEMO = ROOT / "demo_model"
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="demo_model/ not exported")
+def test_shipped_demo_model_layout_size_and_a_4_step_clip():
+    files = {p.relative_to(DEMO).as_posix(): p.stat().st_size for p in DEMO.rglob("*") if p.is_file()}
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "distill_models/distill_model.safetensors",
+                 "causvid_models/causal_model.safetensors", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
+                 "google/umt5-xxl/tokenizer.json"):
+        assert name in files, name
+    assert sum(files.values()) <= 30 * 2**20
+    from training.demo import generate, load_pipeline
+    from training.quality import score
+    pipe = load_pipeline("distill", DEMO)
+    prompt = "a red square moving right on a blue background"
+    video = generate(pipe, "distill", prompt, 0).video
+    assert tuple(video.shape) == (3, 17, 64, 64)
+    assert score(video, prompt)["detected"]["background"] == "blue"  # the big, easy part of the prompt
