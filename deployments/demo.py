@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     port = opts.port or http.get("port", 8000)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    import logging
+
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)  # replica logs stay in Ray's
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # log files: the demo prints its own lines
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=app["name"], route_prefix=app.get("route_prefix", "/"))
