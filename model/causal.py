@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from .attention import attention
 from .dit import ROPE_MAX_POSITIONS, WanModel, rope_freqs
 
-__all__ = ["ROPE_MAX_POSITIONS", "KVCache", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
+__all__ = ["ROPE_MAX_POSITIONS", "KVCache", "SlotKV", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
            "tensor_bytes", "CacheFactory", "local_cache"]
 
 
@@ -81,14 +81,53 @@ def tensor_bytes(tensors) -> int:
 # --------------------------------------------------------------------------------------------------
 # The self-attention K/V cache
 # --------------------------------------------------------------------------------------------------
-class LayerKV:
-    """One layer's K/V buffers [B, capacity x tokens_per_frame, H, D], allocated from the first k written."""
+class SlotKV:
+    """K/V buffers [B, slots x unit, H, D] of one layer: `unit` tokens per slot (a frame here, a ring member's
+    chunk of a block in parallel/causal.py), allocated from the first k written and grown keeping what is
+    there. Subclasses write and read the slots."""
 
-    def __init__(self, cache: KVCache):
+    label = "cache"  # error messages
+    unit_name = "frame"
+
+    def __init__(self, cache):
         self.cache = cache
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.frame_tokens = 0
+        self.unit = 0
+
+    def _ensure(self, k: torch.Tensor, slots: int, unit: int) -> None:
+        shape = (k.shape[0], slots * unit, k.shape[2], k.shape[3])
+        if self.k is not None:
+            if (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.unit) != (shape[0], shape[2], shape[3], unit):
+                raise ValueError(f"{self.label}: block k {tuple(k.shape)} does not match the cache's geometry "
+                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; {self.unit} "
+                                 f"tokens per {self.unit_name}); one cache per video size")
+            if self.k.dtype != k.dtype or self.k.device != k.device:
+                raise ValueError(f"{self.label}: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
+                                 f"{k.device}; move the session with .to() first")
+            if self.k.shape[1] >= shape[1]:
+                return
+        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        if self.k is not None:  # grow: keep what is there
+            n = self.k.shape[1]
+            new_k[:, :n], new_v[:, :n] = self.k, self.v
+        self.k, self.v, self.unit = new_k, new_v, unit
+
+    def nbytes(self) -> int:
+        return tensor_bytes([self.k, self.v])
+
+    def to(self, device: str | torch.device, copy: bool = False) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
+
+
+class LayerKV(SlotKV):
+    """One layer's K/V buffers [B, capacity x tokens_per_frame, H, D], allocated from the first k written."""
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.unit
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the current block's post-RoPE k and raw v ([B, block tokens, H, D]) in its slots."""
@@ -100,7 +139,7 @@ class LayerKV:
             raise ValueError(f"cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, tokens, H, D] with "
                              f"tokens a multiple of the block's {frames} frames")
         ft = k.shape[1] // frames
-        self._ensure(k, ft)
+        self._ensure(k, c.capacity, ft)
         for slot, j, n in c.runs(start, frames):
             self.k[:, slot * ft:(slot + n) * ft] = k[:, j * ft:(j + n) * ft]
             self.v[:, slot * ft:(slot + n) * ft] = v[:, j * ft:(j + n) * ft]
@@ -109,34 +148,6 @@ class LayerKV:
         """Every cached key/value a query of the current block sees (slot order; attention ignores order)."""
         n = self.cache.held * self.frame_tokens
         return self.k[:, :n], self.v[:, :n]
-
-    def _ensure(self, k: torch.Tensor, ft: int) -> None:
-        cap = self.cache.capacity * ft
-        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
-        if self.k is not None:
-            have = (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.frame_tokens)
-            if have != (shape[0], shape[2], shape[3], ft):
-                raise ValueError(f"cache: block k {tuple(k.shape)} does not match the cache's geometry "
-                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; "
-                                 f"{self.frame_tokens} tokens per frame); one cache per video size")
-            if self.k.dtype != k.dtype or self.k.device != k.device:
-                raise ValueError(f"cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
-                                 f"{k.device}; move the session with .to() first")
-            if self.k.shape[1] >= cap:
-                return
-        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
-        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
-        if self.k is not None:  # grow: keep what is there
-            n = self.k.shape[1]
-            new_k[:, :n], new_v[:, :n] = self.k, self.v
-        self.k, self.v, self.frame_tokens = new_k, new_v, ft
-
-    def nbytes(self) -> int:
-        return tensor_bytes([self.k, self.v])
-
-    def to(self, device: str | torch.device, copy: bool = False) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
 
 
 class KVCache:

@@ -38,21 +38,22 @@ import math
 
 import torch
 
-from model.causal import CausalDiT, KVCache, LayerKV, cache_attention, tensor_bytes
+from model.causal import CausalDiT, KVCache, LayerKV, SlotKV, cache_attention
 
 from .attention import KVSegment, SequenceParallelLayout
 
 __all__ = ["RingKVCache", "RingLayerKV", "CausalSequenceParallel", "attach"]
 
 
-class RingLayerKV:
+class RingLayerKV(SlotKV):
     """One layer's chunk buffers [B, slots x n, H/U, D]: this member's n tokens of each cached block."""
 
-    def __init__(self, cache: RingKVCache):
-        self.cache = cache
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.chunk = 0
+    label = "ring cache"
+    unit_name = "block"
+
+    @property
+    def chunk(self) -> int:
+        return self.unit
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this member's chunk [B, n, h, D] of the current block (post-RoPE k, raw v, padding included)."""
@@ -62,7 +63,7 @@ class RingLayerKV:
         if k.shape != v.shape or k.dim() != 4:
             raise ValueError(f"ring cache: k {tuple(k.shape)} / v {tuple(v.shape)} are not [B, n, H, D]")
         n = k.shape[1]
-        self._ensure(k, n)
+        self._ensure(k, c.slots, n)
         slot = c.block_slot(c.block[0] // c.block_frames)
         self.k[:, slot * n:(slot + 1) * n] = k
         self.v[:, slot * n:(slot + 1) * n] = v
@@ -72,33 +73,6 @@ class RingLayerKV:
         n = self.chunk
         return [KVSegment(self.k[:, first * n:end * n], self.v[:, first * n:end * n], key_mask=mask)
                 for first, end, mask in self.cache.visible_runs(length, n, self.k.device)]
-
-    def _ensure(self, k: torch.Tensor, n: int) -> None:
-        cap = self.cache.slots * n
-        shape = (k.shape[0], cap, k.shape[2], k.shape[3])
-        if self.k is not None:
-            if (self.k.shape[0], self.k.shape[2], self.k.shape[3], self.chunk) != (shape[0], shape[2], shape[3], n):
-                raise ValueError(f"ring cache: block chunk {tuple(k.shape)} does not match the cache's geometry "
-                                 f"(B, H, D = {self.k.shape[0]}, {self.k.shape[2]}, {self.k.shape[3]}; {self.chunk} "
-                                 "tokens per block); one cache per video size")
-            if self.k.dtype != k.dtype or self.k.device != k.device:
-                raise ValueError(f"ring cache: holds {self.k.dtype} on {self.k.device}, the block is {k.dtype} on "
-                                 f"{k.device}; move the session with .to() first")
-            if self.k.shape[1] >= cap:
-                return
-        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
-        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
-        if self.k is not None:  # grow: keep what is there
-            have = self.k.shape[1]
-            new_k[:, :have], new_v[:, :have] = self.k, self.v
-        self.k, self.v, self.chunk = new_k, new_v, n
-
-    def nbytes(self) -> int:
-        return tensor_bytes([self.k, self.v])
-
-    def to(self, device: str | torch.device, copy: bool = False) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
 
 
 class RingKVCache(KVCache):
