@@ -1,6 +1,7 @@
 """Shared test utilities: tiny random models and their files in official / diffusers layouts."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,18 @@ from safetensors.torch import save_file
 from model.checkpoint import save_sharded, to_diffusers_dit
 from model.config import DiTArch
 from model.dit import WanModel
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with n torch intra-op threads (tiny tensors: one thread is fastest and does not fight a loaded
+    2-core machine), then restore the previous count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_dit
+from helpers import tiny_dit, torch_threads
 from model.causal import KVCache, block_causal_mask
 from model.causal_pipeline import CausVidPipeline
 from model.checkpoint import CheckpointError
@@ -33,10 +33,8 @@ def cfg_for(**over):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny tensors: a second intra-op thread only adds contention (tens of seconds on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

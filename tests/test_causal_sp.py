@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_dit
+from helpers import tiny_dit, torch_threads
 
 from model.causal_pipeline import CausVidPipeline
 from model.config import TINY_T2V, load_run_config
@@ -105,10 +105,8 @@ def sp_worker(rank, world_size, addr, port, model_root, ports):
 def one_thread():
     """Tiny tensors: a second intra-op thread only adds contention (the references take 15x longer on a busy
     2-core box). The spawned ranks run one thread each (run_local's default)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_dit
+from helpers import tiny_dit, torch_threads
 
 from model.causal_pipeline import CausVidPipeline
 from model.config import TINY_T2V, load_run_config
@@ -40,9 +40,7 @@ def model_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_root):
     """One process, one thread: the one-call result and a session continued to a third fragment."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         pipe = CausVidPipeline.from_pretrained(model_root, load_run_config(CONFIG))
         whole = pipe.generate(PROMPT, seed=3)  # num_fragments: 2 from the config
         s = pipe.start_session(PROMPT, seed=3)
@@ -52,8 +50,6 @@ def reference(model_root):
         other.next_fragment()
         return {"whole": whole, "video2": to_uint8(whole.video), "video3": s.video(), "latents3": s.latents(),
                 "other": other.video()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _group(model_root, **parallel):

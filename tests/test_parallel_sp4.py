@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_dit
+from helpers import tiny_dit, torch_threads
 from test_causal_sp import OTHER, causvid_config
 from test_parallel_sp import PROMPT, WORDS, case_inputs
 
@@ -108,15 +108,11 @@ def test_cfg_parallel_x_sp2_equals_serial_base_sampler(ranks, model_root):
 
 
 def test_causvid_ulysses2_x_ring2_equals_sp1(ranks, model_root):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; a second thread only adds contention on a busy 2-core box
-    try:
+    with torch_threads(1):
         pipe = CausVidPipeline.from_pretrained(model_root, causvid_config("padded_window"))
         s = pipe.start_session(PROMPT, seed=5)
         s.next_fragment()
         s.next_fragment(prompt=OTHER)
-    finally:
-        torch.set_num_threads(threads)
     for r, out in enumerate(ranks):
         assert (out["causvid"]["latents"] - s.latents()).abs().max().item() <= TOL, f"rank {r}"
     video = np.concatenate(ranks[0]["causvid"]["frames"])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, torch_threads
 
 from model.causal import CausalDiT
 from model.causal_pipeline import CausVidPipeline
@@ -32,10 +32,8 @@ STEPS = (1000, 750, 500, 250)
 
 @pytest.fixture(autouse=True)
 def _threads():  # the models here are tiny: one thread is fastest (and does not fight a loaded machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def new_dit(seed: int = 0) -> WanModel:
