@@ -32,7 +32,7 @@ def load_app_config(path: Path) -> tuple[dict, dict]:
     return cfg.get("http_options", {}), app
 
 
-def check_models(args: dict) -> list[str]:
+def check_model_files(args: dict) -> list[str]:
     """Models whose files are missing: a missing model folder ends the demo, a missing CausVid student only
     drops the session part."""
     problems = []
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             m["config_json"] = str(REPO / m["config_json"])
     args["state_dir"] = str(opts.out / "demo-state")
     args["image_roots"] = [str(opts.out / "demo-state" / "uploads")]
-    problems = check_models(args)
+    problems = check_model_files(args)
     if problems:
         print("cannot run the demo:\n  " + "\n  ".join(problems) + "\nThe demo serves the tiny trained model in "
               "demo_model/ (made by `python -m training`, see training/README.md); or pass --model-path.",
