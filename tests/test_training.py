@@ -73,7 +73,7 @@ def test_flow_matching_run_lowers_the_loss():
     assert after < 0.7 * before, (before, after)
 
 
-def _fit_run(out, steps: int, evals: list):
+def _fit_run(out, steps: int, evals: list, max_minutes: float = 0):
     """A flow-matching stage run through training.common.fit (what vae/teacher/ode-init/causal-ode use)."""
     patterns, contexts = toy_data()
     dit = new_dit(2)
@@ -85,7 +85,7 @@ def _fit_run(out, steps: int, evals: list):
         cls = torch.randint(0, 4, (8,), generator=gen)
         return fm_loss(dit, patterns[cls], contexts[cls], gen, shift=3.0, autocast=False), {"step_seen": step}
 
-    args = SimpleNamespace(steps=steps, log_every=2, ckpt_every=3, quiet=True)
+    args = SimpleNamespace(steps=steps, log_every=2, ckpt_every=3, quiet=True, max_minutes=max_minutes)
     fit("toy", out, args, dit, opt, gen, loss_fn, ema=ema, lr_fn=lambda step: 3e-3 * (1 - step / 20),
         eval_fn=lambda step: evals.append(step) or {"n": step}, eval_every=4)
     return dit, ema
@@ -107,6 +107,46 @@ def test_fit_resumes_exactly(tmp_path):
     assert train[-1]["step_seen"] == 8.5  # the mean over the logged window (steps 8 and 9, 0-based)
     assert abs(train[0]["lr"] - 3e-3 * (1 - 1 / 20)) < 1e-9
     assert [r["eval_n"] for r in log if "eval_n" in r] == [4, 8, 10]
+
+
+def test_fit_time_box_ends_with_checkpoint_and_eval_then_resumes(tmp_path):
+    evals_a, evals_b = [], []
+    a, ema_a = _fit_run(tmp_path / "a", 10, evals_a)
+    _fit_run(tmp_path / "b", 10, evals_b, max_minutes=1e-9)  # out of time after its first step
+    assert evals_b == [1]  # the time-boxed run evaluated where it stopped ...
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 1  # ... and checkpointed there
+    b, ema_b = _fit_run(tmp_path / "b", 10, evals_b)  # rerun without a limit: continues to the end
+    assert evals_b == [1, 4, 8, 10]
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+        assert torch.allclose(ema_a.shadow[k], ema_b.shadow[k], atol=1e-6), k
+
+
+def test_text_contexts_file_replaces_the_encoder(tmp_path):
+    from training.common import TEXT_CONTEXTS, TextCache, null_prompts, train_text
+    from training.data import all_prompts
+    train_text(SimpleNamespace(out=str(tmp_path)))
+    cached = TextCache(tmp_path)
+    prompts = [all_prompts()[7], null_prompts()[1], all_prompts()[300]]
+    ctx = cached(prompts)
+    assert cached._encoder is None  # every grammar prompt came from the file: no text encoder was built
+    fresh = TextCache()(prompts)
+    assert torch.equal(ctx, fresh)
+    ck = torch.load(tmp_path / TEXT_CONTEXTS, weights_only=True)
+    assert len(ck["contexts"]) == len(set(all_prompts()) | set(null_prompts()))
+    ck["fingerprint"] = "another encoder"
+    torch.save(ck, tmp_path / TEXT_CONTEXTS)
+    assert TextCache(tmp_path)._cache == {}  # made by another encoder: ignored, encoded afresh on demand
+
+
+def test_parallel_rendering_gives_the_clips_of_data_batch():
+    from training import data
+    from training.latents import render_batch, to_video
+    seeds = [20_000_000 + i for i in (0, 5, 77)]
+    frames, prompts = render_batch(seeds)
+    ref, ref_prompts = data.batch(seeds)
+    assert frames.dtype.name == "uint8" and prompts == ref_prompts
+    assert torch.equal(to_video(frames), ref)
 
 
 def test_ode_grid_hits_the_student_sigmas():

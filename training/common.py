@@ -20,16 +20,18 @@ import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from model.config import ComponentArchs, DiTArch, T5Arch, VaeArch, shift_sigma
-from model.encoders import TextEncoder, convert_t5_official, t5_config
 from model.tiny import TINY_CLIP, random_weights, t5_official_shapes, word_tokenizer
 
 from .data import GRAMMAR_WORDS
+
+if TYPE_CHECKING:  # transformers is imported only when a prompt must be encoded
+    from model.encoders import TextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "train"
@@ -67,21 +69,39 @@ def t5_state() -> dict[str, torch.Tensor]:
 
 
 def build_text_encoder() -> TextEncoder:
-    from transformers import UMT5EncoderModel
+    from transformers import UMT5EncoderModel  # imported only when a prompt must be encoded
 
     from model.checkpoint import load_into
-    from model.encoders import _build
+    from model.encoders import TextEncoder, _build, convert_t5_official, t5_config
     model = _build(UMT5EncoderModel, t5_config(T5_ARCH), torch.float32, "cpu")
     load_into(model, convert_t5_official(t5_state()), "umT5 text encoder")
     return TextEncoder(model, word_tokenizer(GRAMMAR_WORDS), text_len=DIT_ARCH.text_len)
 
 
 class TextCache:
-    """Contexts [text_len, text_dim] of prompts, encoded once (the grammar has 360 prompts)."""
+    """Contexts [text_len, text_dim] of prompts, encoded once (the grammar has 360 prompts).
 
-    def __init__(self, encoder: TextEncoder | None = None):
-        self.encoder = encoder or build_text_encoder()
+    With `root`, the contexts `python -m training text` saved in root/text_contexts.pt are used as they are
+    (checked against this encoder's seed and architecture), so a stage can run where the text encoder's
+    libraries are not installed (a borrowed GPU machine); the encoder is built only for a prompt not there.
+    """
+
+    def __init__(self, root: Path | None = None, encoder: TextEncoder | None = None):
+        self._encoder = encoder
         self._cache: dict[str, torch.Tensor] = {}
+        path = Path(root) / TEXT_CONTEXTS if root is not None else None
+        if path is not None and path.is_file():
+            ck = torch.load(path, weights_only=True)
+            if ck.get("fingerprint") == text_fingerprint():
+                self._cache.update(ck["contexts"])
+            else:
+                print(f"{path}: made by another text encoder; ignored", flush=True)
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = build_text_encoder()
+        return self._encoder
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
@@ -89,6 +109,28 @@ class TextCache:
             ctx, _ = self.encoder.encode(todo)
             self._cache.update(zip(todo, ctx))
         return torch.stack([self._cache[p] for p in prompts])
+
+    def save(self, root: Path) -> Path:
+        path = Path(root) / TEXT_CONTEXTS
+        save_atomic({"fingerprint": text_fingerprint(), "contexts": dict(self._cache)}, path)
+        return path
+
+
+TEXT_CONTEXTS = "text_contexts.pt"
+
+
+def text_fingerprint() -> str:
+    return f"umT5 seed {T5_SEED} {T5_ARCH} text_len {DIT_ARCH.text_len} words {' '.join(GRAMMAR_WORDS)}"
+
+
+def train_text(args) -> Path:
+    """Stage `text`: encode every prompt of the grammar and the null prompts once (root/text_contexts.pt)."""
+    from .data import all_prompts
+    text = TextCache()
+    text(all_prompts() + list(null_prompts()))
+    path = text.save(Path(args.out))
+    print(f"text: {len(text._cache)} contexts -> {path}", flush=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,11 +158,29 @@ def sample_sigma(n: int, gen: torch.Generator, shift: float = 5.0, lo: float = 0
 # --------------------------------------------------------------------------------------------------
 # Runtime, logging, checkpoints
 # --------------------------------------------------------------------------------------------------
-def setup(threads: int = 2, seed: int = 0) -> None:
+def setup(threads: int = 2, seed: int = 0, device: str = "cpu") -> torch.device:
+    """Threads, seeds and the device the stage trains on. Data, noise and RNGs stay on the CPU whatever the
+    device (the same batches on every device); only the model and each batch's tensors move."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: torch sees no CUDA device here")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on the stage's device (CPU or CUDA), fp32 master weights."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class Log:
@@ -176,6 +236,7 @@ class EMA:
         self.decay = decay
         self.n = 0
         self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        self.device = device_of(module)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -188,7 +249,8 @@ class EMA:
         return {"decay": self.decay, "n": self.n, "shadow": self.shadow}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.decay, self.n, self.shadow = sd["decay"], sd["n"], sd["shadow"]
+        self.decay, self.n = sd["decay"], sd["n"]
+        self.shadow = {k: v.to(self.device) for k, v in sd["shadow"].items()}
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, final_frac: float = 0.1) -> float:
@@ -250,7 +312,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     path = Path(path)
     if not path.is_file():
         return 0
-    ck = torch.load(path, weights_only=False)  # our own file: tensors, optimizer state and RNG states
+    # our own file: tensors, optimizer state and RNG states (map to the CPU: a CUDA run resumes anywhere; the
+    # optimizer's state follows its parameters' device on load)
+    ck = torch.load(path, weights_only=False, map_location="cpu")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen"])
@@ -270,7 +334,10 @@ def fit(stage: str, out: Path, args, model: torch.nn.Module, opt: torch.optim.Op
     Per step: lr = lr_fn(step) (if given), (loss, parts) = loss_fn(step), backward, grad-norm clip, AdamW
     step, EMA update. Every `args.log_every` steps the mean loss/parts, grad norm and lr go to
     out/log.jsonl; every `args.ckpt_every` steps (and at the end) out/ckpt.pt is written; every `eval_every`
-    steps (and at the end) eval_fn(step) -> dict is logged with an `eval_` prefix. Returns the final step.
+    steps (and at the end) eval_fn(step) -> dict is logged with an `eval_` prefix. With `args.max_minutes`
+    the run also ends (checkpoint, log and eval as at the end) once that much wall time has passed: a
+    time-boxed run on a borrowed GPU; rerunning the command with a larger --steps continues it.
+    Returns the final step.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +355,8 @@ def fit(stage: str, out: Path, args, model: torch.nn.Module, opt: torch.optim.Op
     if eval_fn is not None and eval_at_start and step == 0:
         run_eval(0, "start")
     acc: dict[str, list[float]] = {}
+    minutes = float(getattr(args, "max_minutes", 0) or 0)
+    deadline = time.time() + 60 * minutes if minutes > 0 else float("inf")
     while step < args.steps:
         model.train()
         if lr_fn is not None:
@@ -308,8 +377,16 @@ def fit(stage: str, out: Path, args, model: torch.nn.Module, opt: torch.optim.Op
             acc = {}
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(ckpt_path, step, model, opt, gen, ema)
-        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == args.steps):
+        out_of_time = time.time() > deadline
+        if out_of_time and step < args.steps:
+            print(f"{stage}: --max-minutes reached at step {step}", flush=True)
+            if acc:
+                log.step(step, lr=opt.param_groups[0]["lr"], **{k: sum(v) / len(v) for k, v in acc.items()})
+            save_checkpoint(ckpt_path, step, model, opt, gen, ema)
+        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == args.steps or out_of_time):
             run_eval(step, f"step {step}")
+        if out_of_time:
+            break
     log.close()
     return step
 
@@ -317,7 +394,7 @@ def fit(stage: str, out: Path, args, model: torch.nn.Module, opt: torch.optim.Op
 def save_final(path: Path, state: dict[str, torch.Tensor], summary: dict, **extra: Any) -> Path:
     """The stage's result (`{"state": weights, **extra}`) and its summary.json next to it."""
     path = Path(path)
-    save_atomic({"state": {k: v.detach().clone() for k, v in state.items()}, **extra}, path)
+    save_atomic({"state": {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, **extra}, path)
     write_json(path.parent / "summary.json", summary)
     return path
 

@@ -258,7 +258,7 @@ def train(args) -> Path:
     generator = latest_student(root, ("ode-init",))[1].requires_grad_(True)
     cfg = DMDConfig(guidance=args.guidance, lr_gen=args.lr_gen, lr_critic=args.lr_critic, ratio=args.ratio)
     dmd = DMD(teacher, critic, generator, cfg, seed=args.seed)
-    text = TextCache()
+    text = TextCache(root)
     vae = load_trained_vae(root / "vae" / "vae_final.pt")
     return run_dmd(STAGE, root / STAGE, args, dmd, EMA(generator, args.ema), prompt_sampler(text, args.seed + 1),
                    lambda m: evaluate_student(m, vae, text))

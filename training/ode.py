@@ -34,6 +34,8 @@ from .common import (
     OUT,
     Log,
     TextCache,
+    autocast,
+    device_of,
     dit_from_state,
     fit,
     null_prompts,
@@ -43,7 +45,7 @@ from .common import (
     write_json,
     x0_from_flow,
 )
-from .sample import LATENT_SHAPE, SHIFT, cfg_flow, evaluate_student
+from .sample import LATENT_SHAPE, SHIFT, cfg_flow, evaluate_student, on_device
 
 ODE_STEPS = 48
 
@@ -65,23 +67,23 @@ def teacher_trajectory(teacher, ctx, ctx_null, noise, guide: float, steps: int =
     """(points [B, len(keep), ...] at the kept indices, clean endpoint [B, ...])."""
     keep = keep_indices(steps) if keep is None else keep
     sched = EulerFlowScheduler(steps, shift)
-    x, points = noise.clone(), []
+    (x, ctx, ctx_null), points = on_device(teacher, noise.clone(), ctx, ctx_null), []
     for i in range(steps):
         if i in keep:
             points.append(x.clone())
-        t = sched.timesteps[i].float().expand(x.shape[0])
+        t = sched.timesteps[i].float().expand(x.shape[0]).to(x.device)
         x = sched.step(i, cfg_flow(teacher, x, t, ctx, ctx_null, guide), x)
-    return torch.stack(points, 1), x
+    return torch.stack(points, 1).cpu(), x.cpu()
 
 
 def train_ode_pairs(args) -> Path:
     from .teacher import load_teacher
-    setup(args.threads, args.seed)
+    dev = setup(args.threads, args.seed, getattr(args, "device", "cpu"))
     root = Path(args.out)
     out = root / "ode_pairs"
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(root)
-    text = TextCache()
+    teacher = load_teacher(root).to(dev)
+    text = TextCache(root)
     prompts = data.all_prompts()
     n_shards = (args.pairs + args.batch - 1) // args.batch
     done = sum((out / f"shard_{k:04d}.pt").is_file() for k in range(n_shards))
@@ -137,6 +139,7 @@ def ode_loss(student, pairs: dict, idx: torch.Tensor, ctx: torch.Tensor, gen: to
     else:
         use = (torch.rand(b, generator=gen) < 0.5).view(-1, *([1] * (x0.dim() - 1)))
         x = torch.where(use, straight, traj)
+    x, x0, sigma, ctx = on_device(student, x, x0, sigma, ctx)
     v = student(x, sigma * 1000, ctx).float()
     return F.mse_loss(x0_from_flow(x, v, sigma), x0)
 
@@ -151,7 +154,8 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
     root = Path(args.out)
     out = root / STUDENT_DIRS[stage]
     pairs = load_pairs(root)
-    text = TextCache()
+    text = TextCache(root)
+    dev = device_of(student.to(torch.device(getattr(args, "device", "cpu"))))
     ema = EMA(student, args.ema)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -160,12 +164,12 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
 
     def loss_fn(step: int):
         idx = torch.randint(0, n, (args.batch,), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_autocast):  # as the teacher trained
+        with autocast(dev, enabled=not args.no_autocast):  # as the teacher trained
             return batch_loss(pairs, idx, text([pairs["prompts"][i] for i in idx.tolist()]), gen), {}
 
     t0 = time.time()
     step = fit(stage, out, args, student, opt, gen, loss_fn, ema=ema, eval_every=args.eval_every,
-               eval_fn=lambda step: evaluate(dit_from_state(ema.shadow) if step else student, vae, text),
+               eval_fn=lambda step: evaluate(dit_from_state(ema.shadow).to(dev) if step else student, vae, text),
                eval_at_start=eval_at_start and bool(args.eval_every))
     return save_final(out / "student_final.pt", ema.shadow, {"steps": step, **summary, "train_seconds_this_run":
                       round(time.time() - t0, 1)}, step=step)
@@ -173,7 +177,7 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
 
 def train_ode_init(args) -> Path:
     from .teacher import load_teacher
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, getattr(args, "device", "cpu"))
     student = copy.deepcopy(load_teacher(args.out)).requires_grad_(True)
     return train_on_pairs("ode-init", args, student,
                           lambda pairs, idx, ctx, gen: ode_loss(student, pairs, idx, ctx, gen, args.inputs),

@@ -38,26 +38,32 @@ def cfg_flow(dit, x, t, ctx, ctx_null, guide: float) -> torch.Tensor:
     return uncond + guide * (cond - uncond)
 
 
+def on_device(dit, *tensors):
+    """The inputs moved to the DiT's device (samplers take CPU noise and contexts, return CPU latents)."""
+    dev = next(dit.parameters()).device
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
+
 @torch.no_grad()
 def sample_teacher(dit, ctx, ctx_null, noise, steps: int = 50, shift: float = SHIFT, guide: float = 5.0,
                    solver: str = "unipc") -> torch.Tensor:
     sched = FlowUniPCScheduler(steps, shift) if solver == "unipc" else EulerFlowScheduler(steps, shift)
-    x = noise.clone()
+    x, ctx, ctx_null = on_device(dit, noise.clone(), ctx, ctx_null)
     for i in range(len(sched)):
-        t = sched.timesteps[i].float().expand(x.shape[0])
+        t = sched.timesteps[i].float().expand(x.shape[0]).to(x.device)
         x = sched.step(i, cfg_flow(dit, x, t, ctx, ctx_null, guide), x)
-    return x
+    return x.cpu()
 
 
 @torch.no_grad()
 def sample_student(dit, ctx, noise, steps=STUDENT_STEPS, shift: float = SHIFT) -> torch.Tensor:
     """LightX2V deterministic 4-step sampling (x0 = x - s v; x_next = x0 + s_next v), no CFG."""
     sched = StepDistillScheduler(list(steps), shift, "deterministic")
-    x = noise.clone()
+    x, ctx = on_device(dit, noise.clone(), ctx)
     for i in range(len(sched)):
-        t = sched.timesteps[i].float().expand(x.shape[0])
+        t = sched.timesteps[i].float().expand(x.shape[0]).to(x.device)
         x = sched.step(i, dit(x, t, ctx).float(), x)
-    return x
+    return x.cpu()
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from model.schedulers import StepDistillScheduler
 
 from .common import EMA, TextCache, dit_from_state, setup, x0_from_flow
 from .dmd import DMD, DMDConfig, prompt_sampler, run_dmd
-from .sample import LATENT_SHAPE, SHIFT, STUDENT_STEPS, adherence, eval_set
+from .sample import LATENT_SHAPE, SHIFT, STUDENT_STEPS, adherence, eval_set, on_device
 
 BLOCK = 1  # latent frames per block (num_frame_per_block)
 
@@ -57,6 +57,7 @@ def causal_rollout(causal: CausalDiT, ctx: torch.Tensor, noise: torch.Tensor, ex
     if causal.window is not None:
         raise ValueError("training rollout assumes an unwindowed cache")
     b, _, frames = noise.shape[:3]
+    noise, ctx = on_device(causal.dit, noise, ctx)
     cache = causal.new_cache()
     cache.reserve(frames)
     with torch.set_grad_enabled(grad):
@@ -78,7 +79,7 @@ def causal_rollout(causal: CausalDiT, ctx: torch.Tensor, noise: torch.Tensor, ex
             outs.append(x0)
             causal.attend = cache_attention
             with torch.no_grad():
-                causal.forward_block(x0.detach(), torch.zeros(b), f0, cache, ctx_kv, output=False)
+                causal.forward_block(x0.detach(), torch.zeros(b, device=x0.device), f0, cache, ctx_kv, output=False)
     finally:
         causal.attend = cache_attention
     return torch.cat(outs, 2)
@@ -129,6 +130,7 @@ def causal_ode_loss(causal: CausalDiT, pairs: dict, idx: torch.Tensor, ctx: torc
     traj = pts.gather(1, k[:, None, None, :, None, None].expand(b, 1, *x0.shape[1:])).squeeze(1)
     use_straight = (torch.rand(b, generator=gen) < 0.5).view(-1, 1, 1, 1, 1)
     x = torch.where(clean[:, None, :, None, None], x0, torch.where(use_straight, straight, traj))
+    x, x0, s, sigma, ctx, clean = on_device(causal.dit, x, x0, s, sigma, ctx, clean)
     v = causal.forward_full(x, sigma * 1000, ctx).float()
     err = (x - s * v - x0).pow(2) * (~clean)[:, None, :, None, None]
     return err.sum() / ((~clean).sum() * x0.shape[1] * x0.shape[3] * x0.shape[4]).clamp_min(1)
@@ -136,7 +138,7 @@ def causal_ode_loss(causal: CausalDiT, pairs: dict, idx: torch.Tensor, ctx: torc
 
 def train_causal_ode(args) -> Path:
     from .ode import latest_student, train_on_pairs
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, getattr(args, "device", "cpu"))
     init, student = latest_student(args.out, ("dmd", "ode-init"))  # the DMD student, else the ODE-regression one
     print(f"causal-ode: starting from the {init} student", flush=True)
     causal = CausalDiT(student, BLOCK)
@@ -163,7 +165,7 @@ def train_causal(args) -> Path:
         critic = copy.deepcopy(teacher).requires_grad_(True)
     cfg = DMDConfig(guidance=args.guidance, lr_gen=args.lr_gen, lr_critic=args.lr_critic, ratio=args.ratio)
     dmd = DMD(teacher, critic, generator, cfg, seed=args.seed, rollout_fn=make_rollout(BLOCK))
-    text = TextCache()
+    text = TextCache(root)
     vae = load_trained_vae(root / "vae" / "vae_final.pt")
     return run_dmd("causal", root / "causal", args, dmd, EMA(generator, args.ema), prompt_sampler(text, args.seed + 1),
                    lambda m: evaluate_causal(m, vae, text))

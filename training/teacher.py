@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 from .common import (
     EMA,
+    autocast as autocast_on,
     OUT,
     TextCache,
     add_noise,
+    device_of,
     dit_from_state,
     fit,
     load_state,
@@ -41,12 +43,15 @@ STAGE = "teacher"
 
 
 def fm_loss(dit, x0, ctx, gen: torch.Generator, shift: float, autocast: bool = True):
+    """Noise drawn on the CPU from `gen` (the same batches on any device), the rest on the DiT's device."""
     b = x0.shape[0]
     u = torch.rand(b, generator=gen, dtype=torch.float64)
     sigma = shift_sigma(u, shift).float().clamp(1e-3, 1.0)
     eps = torch.randn(x0.shape, generator=gen)
+    dev = device_of(dit)
+    x0, eps, sigma, ctx = x0.to(dev), eps.to(dev), sigma.to(dev), ctx.to(dev)
     xt = add_noise(x0, eps, sigma)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with autocast_on(dev, autocast):
         v = dit(xt, sigma * 1000, ctx)
     return F.mse_loss(v.float(), eps - x0)
 
@@ -68,13 +73,13 @@ def evaluate(dit, vae, text: TextCache, n: int = 12, steps: int = 25, guide: flo
 
 
 def train(args) -> Path:
-    setup(args.threads, args.seed)
+    dev = setup(args.threads, args.seed, getattr(args, "device", "cpu"))
     root = Path(args.out)
     out = root / STAGE
     latents, prompts = load_latents(root)
-    text = TextCache()
+    text = TextCache(root)
     text(sorted(set(prompts)) + list(null_prompts()))
-    dit = new_dit(args.seed)
+    dit = new_dit(args.seed).to(dev)
     ema = EMA(dit, args.ema)  # a resumed run takes this decay (e.g. a shorter average when --steps was cut)
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -92,7 +97,7 @@ def train(args) -> Path:
 
     t0 = time.time()
     step = fit(STAGE, out, args, dit, opt, gen, loss_fn, ema=ema, lr_fn=lr_fn, eval_every=args.eval_every,
-               eval_fn=lambda _: evaluate(dit_from_state(ema.shadow), vae, text))
+               eval_fn=lambda _: evaluate(dit_from_state(ema.shadow).to(dev), vae, text))
     return save_final(out / "teacher_final.pt", ema.shadow, {"steps": step, "train_seconds_this_run":
                       round(time.time() - t0, 1)}, step=step)
 

@@ -149,10 +149,10 @@ def train(args) -> Path:
     return final
 
 
-def load_trained_vae(path: Path | None = None) -> WanVAE:
+def load_trained_vae(path: Path | None = None, device: str | torch.device = "cpu") -> WanVAE:
     from model.config import VaeArch
-    ck = torch.load(Path(path or OUT / STAGE / "vae_final.pt"), weights_only=True)
-    return WanVAE.build(VaeArch(**ck["arch"]), ck["state"])
+    ck = torch.load(Path(path or OUT / STAGE / "vae_final.pt"), weights_only=True, map_location="cpu")
+    return WanVAE.build(VaeArch(**ck["arch"]), ck["state"], device=device)
 
 
 @torch.no_grad()
