@@ -11,9 +11,11 @@
       TRAINING.json                                         provenance: stages, steps, times, losses
 
 DiTs are stored in bf16 (the loaders cast to the compute dtype), which keeps the folder under 30 MB; the
-benchmarks measure the stored weights. The 4-step student is the DMD student if that stage ran, else the
-ODE-regression one; the causal student the Self-Forcing one, else the causal ODE-regression one.
-`--distill ema|state` picks a DMD generator's EMA or its raw weights (ODE-regression students are EMAs).
+benchmarks measure the stored weights. By default the 4-step student is the DMD student if that stage ran,
+else the ODE-regression one, and the causal student the Self-Forcing one, else the causal ODE-regression
+one; `--distill-from` / `--causal-from` pick a stage (the shipped folder: the ODE-regression students, which
+scored higher than the DMD ones, see training/README.md). `--distill ema|state` picks a DMD generator's
+EMA or its raw weights (ODE-regression students are EMAs).
 
     python -m training export
 """
@@ -67,16 +69,23 @@ def provenance(root: Path) -> dict:
     return out
 
 
+def _stages(choice: str, auto: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages to take a student from, in order of preference: all of `auto`, or just the chosen one."""
+    return auto if choice == "auto" else (choice,)
+
+
 def train(args) -> Path:
     root = Path(args.out)
     dest = Path(args.dest)
     vae_ck = torch.load(root / "vae" / "vae_final.pt", weights_only=True)
     vae = VaeArch(**vae_ck["arch"])
     teacher = dit_from_state(load_state(root / "teacher" / "teacher_final.pt"))
-    distill_stage, distill = latest_student(root, ("dmd", "ode-init"), args.distill)  # DMD, else ODE regression
+    distill_stage, distill = latest_student(root, _stages(args.distill_from, ("dmd", "ode-init")), args.distill)
     try:
-        causal_stage, causal = latest_student(root, ("causal", "causal-ode"), args.causal)
+        causal_stage, causal = latest_student(root, _stages(args.causal_from, ("causal", "causal-ode")), args.causal)
     except FileNotFoundError:
+        if args.causal_from != "auto":
+            raise
         causal_stage, causal = None, None
     if dest.exists():
         shutil.rmtree(dest)
@@ -95,3 +104,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dest", default=str(DEMO_MODEL))
     ap.add_argument("--distill", choices=("ema", "state"), default="ema", help="DMD generator EMA or raw weights")
     ap.add_argument("--causal", choices=("ema", "state"), default="ema")
+    ap.add_argument("--distill-from", choices=("auto", "dmd", "ode-init"), default="auto",
+                    help="the 4-step student's stage (auto: dmd if it ran, else ode-init)")
+    ap.add_argument("--causal-from", choices=("auto", "causal", "causal-ode"), default="auto",
+                    help="the causal student's stage (auto: causal if it ran, else causal-ode)")

@@ -16,6 +16,7 @@ from model.schedulers import (
 )
 
 from . import data
+from .common import device_of
 from .quality import score, summarize
 
 LATENT_SHAPE = (8, 5, 8, 8)  # z, F, h, w for 17 x 64 x 64
@@ -40,7 +41,7 @@ def cfg_flow(dit, x, t, ctx, ctx_null, guide: float) -> torch.Tensor:
 
 def on_device(dit, *tensors):
     """The inputs moved to the DiT's device (samplers take CPU noise and contexts, return CPU latents)."""
-    dev = next(dit.parameters()).device
+    dev = device_of(dit)
     return tuple(None if t is None else t.to(dev) for t in tensors)
 
 
