@@ -13,8 +13,8 @@ untimed warm-up call. The teacher/distill speed ratio is measured separately in 
 interleaved rounds (teacher once, then distill three times, same prompt) and uses the fastest run of
 each, the one least disturbed by other load on a shared machine; the ratio of the medians of those rounds
 and of the adherence pass (where each short distill call follows an mp4 write and a scoring pass, so it
-starts with cold caches) are reported too. Runs single-threaded by default: on a loaded 2-core machine two threads mostly wait for
-each other.
+starts with cold caches) are reported too. Runs single-threaded by default: on a loaded 2-core machine
+two threads mostly wait for each other.
 """
 from __future__ import annotations
 

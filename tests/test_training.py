@@ -139,6 +139,14 @@ def test_text_contexts_file_replaces_the_encoder(tmp_path):
     assert TextCache(tmp_path)._cache == {}  # made by another encoder: ignored, encoded afresh on demand
 
 
+def test_stage_device_defaults_to_cpu_and_cpu_only_stages_refuse_cuda():
+    from training.common import stage_device
+    assert stage_device(SimpleNamespace()) == "cpu"
+    assert stage_device(SimpleNamespace(device="cuda:1")) == "cuda:1"
+    with pytest.raises(SystemExit, match="dmd stage runs on the CPU only"):
+        stage_device(SimpleNamespace(device="cuda"), cpu_only="dmd")
+
+
 def test_parallel_rendering_gives_the_clips_of_data_batch():
     from training import data
     from training.latents import render_batch, to_video

@@ -36,9 +36,11 @@ def main(argv=None) -> None:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--ckpt-every", type=int, default=100)
-        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]: where the stage's models run")
+        p.add_argument("--device", default="cpu",
+                       help="cpu (default) or cuda[:i]: where the stage's models run (vae, dmd, causal: CPU only)")
         p.add_argument("--max-minutes", type=float, default=0,
-                       help="end a training loop after this much wall time (checkpoint + eval as at the end; 0: no limit)")
+                       help="end a training loop after this much wall time (checkpoint + eval as at the end; "
+                            "0: no limit)")
         if argv and argv[0] == name:  # import only the stage that runs
             m = importlib.import_module(mod)
             getattr(m, "add_args_" + name.replace("-", "_"), getattr(m, "add_args", lambda _: None))(p)

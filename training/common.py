@@ -174,6 +174,14 @@ def setup(threads: int = 2, seed: int = 0, device: str = "cpu") -> torch.device:
     return dev
 
 
+def stage_device(args, cpu_only: str = "") -> str:
+    """The stage's --device (cpu when the caller's args have none); cpu_only names a stage that refuses others."""
+    device = getattr(args, "device", "cpu") or "cpu"
+    if cpu_only and torch.device(device).type != "cpu":
+        raise SystemExit(f"the {cpu_only} stage runs on the CPU only; run it without --device {device}")
+    return device
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 

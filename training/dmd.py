@@ -48,6 +48,7 @@ from .common import (
     save_final,
     set_rng_state,
     setup,
+    stage_device,
     x0_from_flow,
 )
 from .sample import LATENT_SHAPE, SHIFT, STUDENT_STEPS, evaluate_student
@@ -251,7 +252,7 @@ def train(args) -> Path:
     from .ode import latest_student
     from .teacher import load_teacher
     from .vae import load_trained_vae
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, stage_device(args, cpu_only="dmd"))
     root = Path(args.out)
     teacher = load_teacher(root)
     critic = copy.deepcopy(teacher).requires_grad_(True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import data
-from .common import OUT, Log, save_atomic, setup
+from .common import OUT, Log, save_atomic, setup, stage_device
 from .vae import load_trained_vae
 
 STAGE = "latents"
@@ -37,7 +37,7 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
 
 
 def train(args) -> Path:
-    dev = setup(args.threads, 0, getattr(args, "device", "cpu"))
+    dev = setup(args.threads, 0, stage_device(args))
     out = Path(args.out) / STAGE
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (args.clips + SHARD - 1) // SHARD
@@ -48,7 +48,8 @@ def train(args) -> Path:
                for k in todo for b in range(k * SHARD, min((k + 1) * SHARD, args.clips), args.batch)]
     procs = max(1, getattr(args, "procs", 1))
     pool = mp.get_context("fork").Pool(procs) if procs > 1 else None  # before any CUDA work in this process
-    rendered = (pool.imap(render_batch, [s for _, s in batches]) if pool else map(render_batch, [s for _, s in batches]))
+    seeds = [s for _, s in batches]
+    rendered = pool.imap(render_batch, seeds) if pool else map(render_batch, seeds)
     vae = load_trained_vae(Path(args.out) / "vae" / "vae_final.pt", device=dev)
     log = Log(out / "log.jsonl", n_shards, done, desc=STAGE, quiet=args.quiet)
     lats, prompts = [], []

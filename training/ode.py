@@ -42,6 +42,7 @@ from .common import (
     save_atomic,
     save_final,
     setup,
+    stage_device,
     write_json,
     x0_from_flow,
 )
@@ -78,7 +79,7 @@ def teacher_trajectory(teacher, ctx, ctx_null, noise, guide: float, steps: int =
 
 def train_ode_pairs(args) -> Path:
     from .teacher import load_teacher
-    dev = setup(args.threads, args.seed, getattr(args, "device", "cpu"))
+    dev = setup(args.threads, args.seed, stage_device(args))
     root = Path(args.out)
     out = root / "ode_pairs"
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
     out = root / STUDENT_DIRS[stage]
     pairs = load_pairs(root)
     text = TextCache(root)
-    dev = device_of(student.to(torch.device(getattr(args, "device", "cpu"))))
+    dev = device_of(student.to(torch.device(stage_device(args))))
     ema = EMA(student, args.ema)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -177,7 +178,7 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
 
 def train_ode_init(args) -> Path:
     from .teacher import load_teacher
-    setup(args.threads, args.seed, getattr(args, "device", "cpu"))
+    setup(args.threads, args.seed, stage_device(args))
     student = copy.deepcopy(load_teacher(args.out)).requires_grad_(True)
     return train_on_pairs("ode-init", args, student,
                           lambda pairs, idx, ctx, gen: ode_loss(student, pairs, idx, ctx, gen, args.inputs),

@@ -34,7 +34,7 @@ from model.attention import attention
 from model.causal import CausalDiT, LayerKV, cache_attention
 from model.schedulers import StepDistillScheduler
 
-from .common import EMA, TextCache, dit_from_state, setup, x0_from_flow
+from .common import EMA, TextCache, dit_from_state, setup, stage_device, x0_from_flow
 from .dmd import DMD, DMDConfig, prompt_sampler, run_dmd
 from .sample import LATENT_SHAPE, SHIFT, STUDENT_STEPS, adherence, eval_set, on_device
 
@@ -138,7 +138,7 @@ def causal_ode_loss(causal: CausalDiT, pairs: dict, idx: torch.Tensor, ctx: torc
 
 def train_causal_ode(args) -> Path:
     from .ode import latest_student, train_on_pairs
-    setup(args.threads, args.seed, getattr(args, "device", "cpu"))
+    setup(args.threads, args.seed, stage_device(args))
     init, student = latest_student(args.out, ("dmd", "ode-init"))  # the DMD student, else the ODE-regression one
     print(f"causal-ode: starting from the {init} student", flush=True)
     causal = CausalDiT(student, BLOCK)
@@ -154,7 +154,7 @@ def train_causal(args) -> Path:
     from .ode import latest_student
     from .teacher import load_teacher
     from .vae import load_trained_vae
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, stage_device(args, cpu_only="causal"))
     root = Path(args.out)
     teacher = load_teacher(root)
     generator = latest_student(root, ("causal-ode",))[1].requires_grad_(True)

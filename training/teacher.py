@@ -34,6 +34,7 @@ from .common import (
     save_final,
     setup,
     shift_sigma,
+    stage_device,
 )
 from .latents import load_latents
 from .sample import adherence, eval_set, noise_for, sample_teacher
@@ -73,7 +74,7 @@ def evaluate(dit, vae, text: TextCache, n: int = 12, steps: int = 25, guide: flo
 
 
 def train(args) -> Path:
-    dev = setup(args.threads, args.seed, getattr(args, "device", "cpu"))
+    dev = setup(args.threads, args.seed, stage_device(args))
     root = Path(args.out)
     out = root / STAGE
     latents, prompts = load_latents(root)

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKLWan
 from model.vae import WanVAE, vae_config, vae_key
 
 from . import data
-from .common import OUT, fit, lr_at, save_atomic, setup, vae_arch, write_json
+from .common import OUT, fit, lr_at, save_atomic, setup, stage_device, vae_arch, write_json
 
 STAGE = "vae"
 
@@ -122,7 +122,7 @@ def init_vae(model: AutoencoderKLWan, init_logvar: float) -> None:
 
 
 def train(args) -> Path:
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, stage_device(args, cpu_only="vae"))
     data.SIZE_RANGE = tuple(float(v) for v in args.sizes.split(","))
     data.TRAVEL_RANGE = tuple(float(v) for v in args.travel.split(","))
     out = Path(args.out) / STAGE
