@@ -380,18 +380,16 @@ def fit(stage: str, out: Path, args, model: torch.nn.Module, opt: torch.optim.Op
         log.advance()
         for k, v in {"loss": loss.item(), "grad_norm": gn.item(), **parts}.items():
             acc.setdefault(k, []).append(float(v))
-        if step % args.log_every == 0 or step == args.steps:
-            log.step(step, lr=opt.param_groups[0]["lr"], **{k: sum(v) / len(v) for k, v in acc.items()})
-            acc = {}
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save_checkpoint(ckpt_path, step, model, opt, gen, ema)
         out_of_time = time.time() > deadline
         if out_of_time and step < args.steps:
             print(f"{stage}: --max-minutes reached at step {step}", flush=True)
-            if acc:
-                log.step(step, lr=opt.param_groups[0]["lr"], **{k: sum(v) / len(v) for k, v in acc.items()})
+        last = step == args.steps or out_of_time  # log, checkpoint and eval as at the end
+        if step % args.log_every == 0 or last:
+            log.step(step, lr=opt.param_groups[0]["lr"], **{k: sum(v) / len(v) for k, v in acc.items()})
+            acc = {}
+        if step % args.ckpt_every == 0 or last:
             save_checkpoint(ckpt_path, step, model, opt, gen, ema)
-        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == args.steps or out_of_time):
+        if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
             run_eval(step, f"step {step}")
         if out_of_time:
             break

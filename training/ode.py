@@ -35,7 +35,6 @@ from .common import (
     Log,
     TextCache,
     autocast,
-    device_of,
     dit_from_state,
     fit,
     null_prompts,
@@ -156,7 +155,8 @@ def train_on_pairs(stage: str, args, student, batch_loss, evaluate, eval_at_star
     out = root / STUDENT_DIRS[stage]
     pairs = load_pairs(root)
     text = TextCache(root)
-    dev = device_of(student.to(torch.device(stage_device(args))))
+    dev = torch.device(stage_device(args))
+    student.to(dev)
     ema = EMA(student, args.ema)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed + 1)

@@ -126,7 +126,6 @@ def train(args) -> Path:
     data.SIZE_RANGE = tuple(float(v) for v in args.sizes.split(","))
     data.TRAVEL_RANGE = tuple(float(v) for v in args.travel.split(","))
     out = Path(args.out) / STAGE
-    torch.manual_seed(args.seed)
     model = AutoencoderKLWan(**vae_config(vae_arch()))
     model.use_tiling = model.use_slicing = False
     init_vae(model, args.init_logvar)
