@@ -6,7 +6,7 @@ Why: SP is only worth its communication if a forward at video lengths gets faste
 default shape is 8 latent frames x 64 x 64 = 8192 tokens through a Wan-shaped DiT (head_dim 128 as in Wan2.1,
 dim 256, 2 heads, FFN 4x), fp32, where attention and the linears dominate.
 
-Every configuration runs in freshly spawned processes (parallel.launch), one after the other:
+Every configuration runs in freshly spawned processes (engine.launch), one after the other:
 - sp1_1thread: one process, torch.set_num_threads(1)   <- the per-core baseline the speedups divide
 - sp1_2threads: one process, 2 threads (what one process gets from both cores)
 - sp2_ulysses / sp2_ring: two processes (gloo), 1 thread each
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="sp1_1thread,sp1_2threads,sp2_ulysses,sp2_ring")
     args = p.parse_args(argv)
-    from parallel.launch import run_local, values
+    from engine.launch import run_local, values
 
     arch = ARCH.model_copy(update={"num_layers": args.layers})
     shape = (args.frames, args.height, args.width)

@@ -21,8 +21,8 @@ from typing import Any
 from ray import serve
 
 from .config import AppArgs, ArgsError, parse_args
-from .generator import generator_deployment
-from .router import Router
+from .replica.generator import generator_deployment
+from .router.ingress import Router
 
 ROUTER_NAME = "Router"
 

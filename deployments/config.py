@@ -23,7 +23,7 @@ class ArgsError(ValueError):
 
 class Autoscaling(BaseModel):
     """Replica bounds of one model. The router keeps the queue, so Serve cannot see it: the replicas
-    report the router's backlog and `deployments.routing:backlog_policy` scales on it (see there)."""
+    report the router's backlog and `deployments.policy:backlog_policy` scales on it (see there)."""
 
     model_config = ConfigDict(extra="forbid")
     min_replicas: int = Field(1, ge=1)

@@ -45,7 +45,7 @@ def causvid_config(case: str, **parallel):
 
 def sp_worker(rank, world_size, addr, port, model_root, ports):
     from model.pipeline import Cancelled, RequestError
-    from parallel.causal_runner import CausalRunner, SessionNotFound, load_rank_causal_pipeline, share_from_rank0
+    from engine.causal_runner import CausalRunner, SessionNotFound, load_rank_causal_pipeline, share_from_rank0
     from parallel.group import GroupLayout, join
 
     out = {}
@@ -118,7 +118,7 @@ def model_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ranks(model_root):
     from parallel.group import free_port
-    from parallel.launch import run_local, values
+    from engine.launch import run_local, values
 
     return values(run_local(sp_worker, 2, args=(str(model_root), [free_port()]), timeout=300))
 

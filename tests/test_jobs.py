@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.jobs import JOB_ID_RE, TERMINAL_STATES, Job, JobState, JobStore
+from deployments.storage.jobs import JOB_ID_RE, TERMINAL_STATES, Job, JobState, JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_requeue_keeps_place_and_counts_attempts(store):
 
 
 def test_stale_attempt_is_ignored(store, caplog):
-    caplog.set_level("WARNING", logger="deployments.jobs")
+    caplog.set_level("WARNING", logger="deployments.storage.jobs")
     job = running(store)
     assert store.requeue(job.id, attempt=1).state is JobState.queued
     second = store.claim_next(["m"])
@@ -375,7 +375,7 @@ def test_recover_after_killed_process(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from deployments.jobs import JobStore
+        from deployments.storage.jobs import JobStore
         s = JobStore({str(db)!r}, {str(res)!r})
         a = s.create("m", {{"prompt": "a"}})
         b = s.create("m", {{"prompt": "b"}})

@@ -59,7 +59,7 @@ def pair_a(local, addr, ports, model_root, tmp):
     from model.config import load_run_config
     from model.pipeline import Request
     from parallel.group import GroupLayout, join
-    from parallel.runner import ParallelRunner, load_rank_pipeline
+    from engine.runner import ParallelRunner, load_rank_pipeline
 
     cfg = load_run_config({"target_video_length": 5, "target_height": 32, "target_width": 48, "enable_cfg": False,
                            "denoising_step_list": [1000, 750, 500, 250], "parallel": {"seq_p_size": 2}},
@@ -108,7 +108,7 @@ def failure_worker(rank, world_size, addr, port, model_root, ports, tmp):
 def records(tmp_path_factory):
     from model.tiny import write_tiny_model
     from parallel.group import free_port
-    from parallel.launch import run_local
+    from engine.launch import run_local
 
     root = write_tiny_model(tmp_path_factory.mktemp("fail_t2v"), "t2v", words=["a", "red", "square"],
                             distill=tiny_dit(TINY_T2V, seed=2))

@@ -26,7 +26,7 @@ def test_worker_group_in_placement_group(ray_session, model_root):
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from parallel.group import RankFailure
-    from parallel.workers import SessionsNotSupported, SPWorkerGroup
+    from engine.worker_group import SessionsNotSupported, SPWorkerGroup
 
     pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=60)

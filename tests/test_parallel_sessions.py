@@ -53,7 +53,7 @@ def reference(model_root):
 
 
 def _group(model_root, **parallel):
-    from parallel.workers import SPWorkerGroup
+    from engine.worker_group import SPWorkerGroup
 
     config = {**CONFIG, "parallel": parallel} if parallel else CONFIG
     return SPWorkerGroup(str(model_root), config, num_cpus=1, num_threads=1, start_timeout=120,
@@ -85,7 +85,7 @@ def _u8_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_sessions_on_two_groups(groups, reference):
-    from parallel.workers import InvalidSessionState, SessionExists, SessionNotFound
+    from engine.worker_group import InvalidSessionState, SessionExists, SessionNotFound
 
     g2, g1 = groups["sp2"], groups["sp1"]
     info = g2.open_session("a", PROMPT, seed=3)

@@ -49,7 +49,7 @@ def sp2_worker(rank, world_size, addr, port, model_root):
     from parallel.attention import SequenceParallelLayout
     from parallel.fsdp import parameter_bytes, shard_dit
     from parallel.group import GroupLayout, join
-    from parallel.runner import ParallelRunner, load_rank_pipeline
+    from engine.runner import ParallelRunner, load_rank_pipeline
 
     class UnmaskedLayout(SequenceParallelLayout):  # upstream's behaviour: padded keys attended
         def self_attention(self, q, k, v):
@@ -115,7 +115,7 @@ def model_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ranks(model_root):
-    from parallel.launch import run_local, values
+    from engine.launch import run_local, values
 
     return values(run_local(sp2_worker, 2, args=(str(model_root),), timeout=240))
 

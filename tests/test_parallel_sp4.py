@@ -35,7 +35,7 @@ def base_config(**parallel):
 def sp4_worker(rank, world_size, addr, port, model_root, port2):
     from parallel.attention import SequenceParallelLayout
     from parallel.group import GroupLayout, join
-    from parallel.runner import ParallelRunner, load_rank_pipeline
+    from engine.runner import ParallelRunner, load_rank_pipeline
 
     out = {"forward": {}}
     opts = dict(join_timeout=60, heartbeat_interval=0.2, stale_after=3)
@@ -46,7 +46,7 @@ def sp4_worker(rank, world_size, addr, port, model_root, port2):
             dit, kw = case_inputs(*case)
             dit.layout = SequenceParallelLayout(group)
             out["forward"][case] = dit(**kw)
-    from parallel.causal_runner import CausalRunner, load_rank_causal_pipeline
+    from engine.causal_runner import CausalRunner, load_rank_causal_pipeline
 
     cfg = causvid_config("padded_window", seq_p_size=4, ulysses_degree=2, ring_degree=2)
     causal = CausalRunner(load_rank_causal_pipeline(model_root, cfg, rank), group)
@@ -76,7 +76,7 @@ def model_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ranks(model_root):
     from parallel.group import free_port
-    from parallel.launch import run_local, values
+    from engine.launch import run_local, values
 
     return values(run_local(sp4_worker, 4, args=(str(model_root), free_port()), timeout=240))
 

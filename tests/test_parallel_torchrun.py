@@ -1,4 +1,4 @@
-"""`torchrun -m parallel.generate`: the group formed from torchrun's environment (its agent hosts the store),
+"""`torchrun -m engine.generate`: the group formed from torchrun's environment (its agent hosts the store),
 the config's `parallel` block as the layout, rank 0 writing the same video as one process would."""
 import json
 import subprocess
@@ -24,7 +24,7 @@ def test_torchrun_ring2_generation_matches_one_process(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps({**CONFIG, "parallel": {"seq_p_size": 2, "seq_p_attn_type": "ring"}}))
     out = tmp_path / "sp.mp4"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "parallel.generate",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "engine.generate",
            "--model_cls", "wan2.1_distill", "--task", "t2v", "--model_path", str(model), "--config_json",
            str(cfg_path), "--prompt", "a red square", "--save_result_path", str(out), "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)

@@ -12,11 +12,11 @@ import yaml
 from serve_support import DISTILL_CFG, REPO
 
 from deployments.config import ArgsError, parse_args, parse_size, retry_after_s
-from deployments.jobs import JobState, JobStore
-from deployments.routing import backlog_policy
-from deployments.service import overall_percent
-from deployments.session_store import SessionStore, new_session_id
-from deployments.sessions import SessionManager
+from deployments.storage.jobs import JobState, JobStore
+from deployments.policy import backlog_policy
+from deployments.router.service import overall_percent
+from deployments.storage.sessions import SessionStore, new_session_id
+from deployments.replica.sessions import SessionManager
 
 BASE = {"state_dir": "/tmp/x", "models": [{"name": "m", "model_path": "/models/m", "model_cls": "wan2.1_distill",
                                             "task": "t2v", "config_json": DISTILL_CFG}]}
@@ -54,7 +54,7 @@ def test_bad_args_say_which_key(args, says):
 
 def test_build_app_checks_configs_and_deployment_options():
     from deployments.app import build_app
-    from deployments.generator import generator_deployment
+    from deployments.replica.generator import generator_deployment
 
     with pytest.raises(ArgsError, match="config file not found"):
         build_app(with_(model_config_json="configs/none.json"))
@@ -69,7 +69,7 @@ def test_build_app_checks_configs_and_deployment_options():
     assert cfg.placement_group_strategy == "STRICT_PACK"
     dc = d._deployment_config
     assert dc.max_ongoing_requests == 8 and dc.autoscaling_config.max_replicas == 3
-    assert dc.autoscaling_config.policy.policy_function == "deployments.routing:backlog_policy"
+    assert dc.autoscaling_config.policy.policy_function == "deployments.policy:backlog_policy"
     assert "PinnedRouter" in str(dc.request_router_config.request_router_class)
     assert build_app(BASE) is not None
 

@@ -14,9 +14,9 @@ import logging
 
 from ray import serve
 
-from .api import build_http_app, read_token, submit_video
-from .config import parse_args
-from .errors import ApiError
+from ..api.app import build_http_app, read_token, submit_video
+from ..config import parse_args
+from ..api.errors import ApiError
 from .service import Service
 
 log = logging.getLogger("ray.serve")
@@ -42,8 +42,8 @@ class Router:
         """Like POST /v1/videos: body = the JSON fields; image = file bytes, base64 or a rooted path."""
         from pydantic import ValidationError
 
-        from .api import validation_message
-        from .schemas import VideoCreate
+        from ..api.app import validation_message
+        from ..api.schemas import VideoCreate
 
         try:
             parsed = VideoCreate.model_validate(body).model_dump(exclude_none=True)
@@ -73,7 +73,7 @@ class Router:
         return self.svc.models()
 
     async def open_session(self, body: dict) -> dict:
-        from .schemas import SessionCreate
+        from ..api.schemas import SessionCreate
 
         return await self.svc.open_session(SessionCreate.model_validate(body).model_dump())
 

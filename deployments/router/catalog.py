@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import AppArgs, ModelSpec, format_size, parse_size
-from .errors import ApiError, bad_request
+from ..config import AppArgs, ModelSpec, format_size, parse_size
+from ..api.errors import ApiError, bad_request
 
 log = logging.getLogger("ray.serve")
 

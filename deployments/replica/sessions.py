@@ -33,7 +33,7 @@ ACTIVE, IDLE = "active", "idle"  # the worker group's tiers: caches on the compu
 
 
 class SessionBackend(Protocol):
-    """The part of parallel.workers.SPWorkerGroup this class uses."""
+    """The part of engine.worker_group.SPWorkerGroup this class uses."""
 
     def open_session(self, session_id: str, prompt: str, seed: int | None = None, height: int | None = None,
                      width: int | None = None) -> dict: ...

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .group import free_port
+from parallel.group import free_port
 
 
 @dataclass

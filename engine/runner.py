@@ -34,9 +34,9 @@ from model.pipeline import (
     WanPipeline,
 )
 
-from .attention import CommStats, SequenceParallelLayout
-from .fsdp import shard_dit
-from .group import Group, GroupLayout
+from parallel.attention import CommStats, SequenceParallelLayout
+from parallel.fsdp import shard_dit
+from parallel.group import Group, GroupLayout
 
 
 class RemoteError(RuntimeError):

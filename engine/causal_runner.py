@@ -50,9 +50,9 @@ from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline
 from model.config import ConfigError, RunConfig
 from model.pipeline import Cancelled, Generation, Progress, Request, RequestError, StageTimer
 
-from .attention import CommStats, SequenceParallelLayout
-from .causal import attach
-from .group import Group, GroupLayout
+from parallel.attention import CommStats, SequenceParallelLayout
+from parallel.causal import attach
+from parallel.group import Group, GroupLayout
 from .runner import RemoteError
 
 IDLE_DEVICE = torch.device("cpu")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError
 
-from .jobs import Job
+from ..storage.jobs import Job
 
 if TYPE_CHECKING:
     from .service import Service

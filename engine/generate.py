@@ -1,6 +1,6 @@
 """Parallel generation outside Ray, under torchrun — the same flags as `python -m model.generate`:
 
-    torchrun --nproc_per_node 8 -m parallel.generate --model_cls wan2.1 --task t2v --model_path MODEL \
+    torchrun --nproc_per_node 8 -m engine.generate --model_cls wan2.1 --task t2v --model_path MODEL \
         --config_json configs/wan21/wan_t2v_dist_cfg_ulysses.json --prompt "..." --save_result_path out/v.mp4
 
 The config's `parallel` block (seq_p_size, seq_p_attn_type, cfg_p_size, ulysses_degree/ring_degree,
@@ -23,7 +23,7 @@ from model.config import ConfigError, load_run_config
 from model.generate import parse_args
 from model.paths import PathNotAllowed
 
-from .group import GroupError, GroupLayout, RankFailure, default_device, join_from_env
+from parallel.group import GroupError, GroupLayout, RankFailure, default_device, join_from_env
 
 
 def main(argv=None) -> int:
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from model.pipeline import Cancelled, Request, RequestError
 
-    from .causal_runner import CausalRunner, load_rank_causal_pipeline
-    from .runner import ParallelRunner, RemoteError, load_rank_pipeline
+    from engine.causal_runner import CausalRunner, load_rank_causal_pipeline
+    from engine.runner import ParallelRunner, RemoteError, load_rank_pipeline
 
     group = None
     try:

@@ -1,182 +1,22 @@
-"""A sequence-parallel group as Ray actors: what one Serve replica owns.
-
-`SPWorkerGroup` starts world_size `SPWorker` actors (optionally pinned to bundles of a placement group),
-each building its share of the pipeline (rank 0 the whole pipeline, the others the DiT alone). Rank 0 then
-hosts the group's store on a port the OS picks and publishes (address, port); all actors join the
-torch.distributed group concurrently. `run(request)` sends the request to every actor and returns rank 0's
-`Generation`. No HTTP here: the Serve layer wraps this class.
-
-Actors are threaded (`max_concurrency`), so `cancel()`, `progress()` and `health()` answer while `run` is
-busy. A rank that dies shows up twice: Ray reports the actor dead, and the surviving ranks raise
-`RankFailure` naming it; the group is then unhealthy and must be rebuilt (`shutdown()`, then a new group).
-
-CausVid sessions (groups whose model_cls is `wan2.1_causvid`; parallel/causal_runner.py): a session's
-caches live in these actors — each rank holds its shard — so the Serve replica that owns the group owns
-its sessions. The session API below forwards every call that changes a session to every rank, in one
-order (the group's lock), and returns rank 0's answer; reads (`session_info`, `list_sessions`,
-`fragment_blocks`, `session_video`, `progress`) go straight to the actors and answer while a fragment is
-being generated, which is how the router streams blocks out before the fragment ends. Errors: an unknown
-id raises `SessionNotFound` (a KeyError: the router's 404/410); a bad request, a duplicate id or a state
-that does not fit raise `RequestError` subclasses; `Cancelled` passes through; all of these leave the group
-usable. Other pipelines raise `SessionsNotSupported` without touching the actors. Eviction policy (TTL,
-LRU, a memory cap) is the replica's session manager's; it calls `offload_session` / `close_session` and
-reads `session_info` to decide.
-"""
+"""A sequence-parallel group as Ray actors: what one Serve replica owns (see ARCHITECTURE.md, "engine")."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from model.config import RunConfig, load_run_config
-from model.pipeline import Generation, Progress, Request
+from model.pipeline import Generation, Request
+from parallel.group import GroupLayout, RankFailure
 
-from .causal_runner import (
-    CausalRunner,
-    InvalidSessionState,
-    SessionExists,
-    SessionNotFound,
-    SessionsNotSupported,
-    load_rank_causal_pipeline,
-)
-from .group import (
-    GroupLayout,
-    RankFailure,
-    default_device,
-    host_address,
-    host_store,
-    join,
-)
-from .runner import ParallelRunner, load_rank_pipeline
+from .causal_runner import InvalidSessionState, SessionExists, SessionNotFound, SessionsNotSupported
+from .worker import CAUSVID, SPWorker
 
 __all__ = ["SPWorker", "SPWorkerGroup", "SessionNotFound", "SessionExists", "SessionsNotSupported",
            "InvalidSessionState", "CAUSVID"]
-
-CAUSVID = "wan2.1_causvid"
-
-
-class SPWorker:
-    """One rank: its pipeline share, its group membership, its current job's progress and cancel flag."""
-
-    def __init__(self, rank: int, world_size: int, model_path: str, config: dict, device: str | None = None,
-                 num_threads: int | None = None, lora_roots: list[str] | None = None, group_options: dict | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.rank, self.world_size = rank, world_size
-        self.cfg: RunConfig = load_run_config(config)
-        self.device = torch.device(device) if device else default_device()
-        self.group_options = group_options or {}
-        self.causal = self.cfg.model_cls == CAUSVID
-        load = load_rank_causal_pipeline if self.causal else load_rank_pipeline
-        self.pipe = load(model_path, self.cfg, rank, self.device, lora_roots=lora_roots)
-        self.group, self.runner, self._store = None, None, None
-        self._cancel = threading.Event()
-        self._progress: Progress | None = None
-        self._busy = False
-
-    def endpoint(self) -> tuple[str, int]:
-        """Rank 0: host the group's store on a free port; (address, port) for the others."""
-        timeout = self.group_options.get("join_timeout", 60.0)
-        self._store = host_store(self.world_size, 0, timeout=timeout)
-        return host_address(), self._store.port
-
-    def join(self, addr: str, port: int) -> dict:
-        layout = GroupLayout.from_parallel(self.cfg.parallel)
-        self.group = join(self.rank, self.world_size, addr, port, layout, device=self.device, store=self._store,
-                          **self.group_options)
-        self.runner = (CausalRunner if self.causal else ParallelRunner)(self.pipe, self.group)
-        return self.health()
-
-    def _job(self, fn, *args):
-        """Run one job on this rank: fresh cancel flag and progress, busy while it runs."""
-        self._cancel.clear()
-        self._progress, self._busy = None, True
-        try:
-            return fn(*args, progress=self._on_progress, cancel=self._cancel.is_set)
-        finally:
-            self._busy = False
-
-    def run(self, request: Request | None) -> Generation | None:
-        return self._job(self.runner.generate, request)
-
-    def _on_progress(self, p: Progress) -> None:
-        self._progress = p
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def progress(self) -> dict | None:
-        p = self._progress
-        if p is None:
-            return None
-        out = {"stage": p.stage, "step": p.step, "total": p.total}
-        current = getattr(self.runner, "current", None)
-        if current is not None:  # a CausVid fragment: which session, and its blocks done so far
-            out.update(current)
-        return out
-
-    # ---- CausVid sessions (one rank's side; SPWorkerGroup documents the API) ----
-    def _sessions(self) -> CausalRunner:
-        if not self.causal:
-            raise SessionsNotSupported(f"sessions need model_cls {CAUSVID!r}; this worker runs {self.cfg.model_cls!r}")
-        return self.runner
-
-    def open_session(self, session_id: str, prompt: str, seed: int | None, height: int | None,
-                     width: int | None) -> dict:
-        return self._sessions().open(session_id, prompt, seed, height, width)
-
-    def next_fragment(self, session_id: str, prompt: str | None) -> dict | None:
-        return self._job(self._sessions().next_fragment, session_id, prompt)
-
-    def restore_session(self, session_id: str, state: dict, replace: bool) -> dict:
-        runner = self._sessions()
-
-        def restore(progress, cancel):  # a rebuild is not cancellable: it is one forward per block
-            return runner.restore(session_id, state, replace, progress=progress)
-        return self._job(restore)
-
-    def fragment_blocks(self, session_id: str, since: int) -> list[np.ndarray]:
-        return self._sessions().fragment_blocks(session_id, since)
-
-    def session_info(self, session_id: str) -> dict:
-        return self._sessions().info(session_id)
-
-    def session_video(self, session_id: str) -> np.ndarray:
-        return self._sessions().video(session_id)
-
-    def session_state(self, session_id: str) -> dict:
-        return self._sessions().state(session_id)
-
-    def offload_session(self, session_id: str) -> dict:
-        return self._sessions().offload(session_id)
-
-    def reload_session(self, session_id: str) -> dict:
-        return self._sessions().reload(session_id)
-
-    def close_session(self, session_id: str) -> bool:
-        return self._sessions().close(session_id)
-
-    def list_sessions(self) -> list[dict]:
-        return self._sessions().list()
-
-    def session_stats(self) -> dict:
-        return self._sessions().stats()
-
-    def health(self) -> dict:
-        g = self.group
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), "joined": g is not None,
-                "backend": g.backend if g else None, "broken": g.broken if g else None, "busy": self._busy,
-                "phase": g.phase if g else None, "peers": g.peers() if g else {}}
-
-    def shutdown(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
 
 
 class SPWorkerGroup:

@@ -19,9 +19,9 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from .errors import ApiError, bad_request
-from .jobs import JobState
+from ..storage.jobs import JobState
 from .schemas import QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus
-from .service import Service
+from ..router.service import Service
 
 STATE_NAMES = {JobState.queued: "pending", JobState.in_progress: "processing", JobState.completed: "completed",
                JobState.failed: "failed", JobState.cancelled: "cancelled"}
@@ -43,7 +43,7 @@ def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, commo
     deps = guarded
 
     async def create(req: TaskRequest, image: bytes | str | None) -> dict:
-        from .api import submit_video
+        from .app import submit_video
 
         if req.target_video_length is not None and req.num_fragments > 1:
             raise bad_request("give num_fragments (CausVid) or target_video_length, not both", "num_fragments")

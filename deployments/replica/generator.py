@@ -40,8 +40,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import ray
 from ray import serve
 
-from .config import ModelSpec, SessionSettings
-from .routing import ROUTE_KWARG
+from ..config import ModelSpec, SessionSettings
+from ..policy import ROUTE_KWARG
 from .sessions import SessionManager
 
 log = logging.getLogger("ray.serve")
@@ -101,7 +101,7 @@ class Generator:
     # ---- the worker group ---------------------------------------------------------------------------
     def _start_group(self, loras: tuple):
         from model.config import load_run_config
-        from parallel.workers import SPWorkerGroup
+        from engine.worker_group import SPWorkerGroup
 
         cfg = self.cfg
         if loras:
@@ -517,7 +517,7 @@ def generator_deployment(spec: ModelSpec):
         health_check_period_s=spec.health_check_period_s,
         health_check_timeout_s=spec.health_check_timeout_s,
         graceful_shutdown_timeout_s=30,
-        request_router_config=RequestRouterConfig(request_router_class="deployments.routing:PinnedRouter",
+        request_router_config=RequestRouterConfig(request_router_class="deployments.policy:PinnedRouter",
                                                   request_routing_stats_period_s=5),
     )
     if spec.autoscaling is not None:
@@ -526,7 +526,7 @@ def generator_deployment(spec: ModelSpec):
             min_replicas=a.min_replicas, max_replicas=a.max_replicas, initial_replicas=a.min_replicas,
             target_ongoing_requests=a.target_ongoing_requests, upscale_delay_s=a.upscale_delay_s,
             downscale_delay_s=a.downscale_delay_s,
-            policy={"policy_function": "deployments.routing:backlog_policy"})
+            policy={"policy_function": "deployments.policy:backlog_policy"})
         opts["num_replicas"] = "auto"
     else:
         opts["num_replicas"] = spec.num_replicas

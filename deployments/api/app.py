@@ -56,7 +56,7 @@ from .schemas import (
     VideoList,
     schema_extra,
 )
-from .service import Service
+from ..router.service import Service
 
 log = logging.getLogger("ray.serve")
 

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from .config import AppArgs, format_size, retry_after_s
-from .dispatch import REPLICA_GONE, ModelDispatcher, SessionLost
-from .errors import ApiError, bad_request, not_found
-from .jobs import Job, JobState, JobStore
+from ..config import AppArgs, format_size, retry_after_s
+from .dispatcher import REPLICA_GONE, ModelDispatcher, SessionLost
+from ..api.errors import ApiError, bad_request, not_found
+from ..storage.jobs import Job, JobState, JobStore
 from .metrics import Metrics
-from .session_store import SessionStore, new_session_id
-from .validation import Catalog, load_image
+from ..storage.sessions import SessionStore, new_session_id
+from .catalog import Catalog, load_image
 
 log = logging.getLogger("ray.serve")
 

@@ -1,0 +1,9 @@
+"""The execution layer: one generation or CausVid session run by a group of ranks.
+
+- `engine.protocol`      rank 0's share of a collective call: result-or-error, cancel, progress.
+- `engine.runner`        bidirectional T2V / I2V on one rank (rank 0 encodes and decodes, all denoise).
+- `engine.causal_runner` CausVid on one rank: the session table and the calls on it.
+- `engine.worker`        one rank as a Ray actor; `engine.worker_group` the group a Serve replica owns.
+- `engine.launch`        the group as local spawned processes with a hard deadline (tests, benchmarks).
+- `engine.generate`      `torchrun -m engine.generate ...`: model.generate's CLI over a torchrun group.
+"""
