@@ -7,6 +7,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
+from .files import atomic_path
+
 DEFAULT_FPS = 16  # Wan2.1's output rate
 
 
@@ -31,16 +33,14 @@ def write_mp4(path: str | Path, video: torch.Tensor | np.ndarray, fps: int = DEF
     if h % 2 or w % 2:
         raise ValueError(f"mp4 (yuv420p) needs even height and width; got {h}x{w}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                         quality=quality, macro_block_size=1, ffmpeg_log_level="error",
-                                         output_params=["-f", "mp4"])
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
-    tmp.replace(path)  # readers never see a half-written file
+    with atomic_path(path) as tmp:  # readers never see a half-written file
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                             quality=quality, macro_block_size=1, ffmpeg_log_level="error",
+                                             output_params=["-f", "mp4"])
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
     return path
 
 

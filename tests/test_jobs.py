@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.storage.jobs import JOB_ID_RE, TERMINAL_STATES, Job, JobState, JobStore
+from deployments.states import TERMINAL_STATES, JobState
+from deployments.storage.jobs import JOB_ID_RE, Job, JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 

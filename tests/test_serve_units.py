@@ -12,7 +12,8 @@ import yaml
 from serve_support import DISTILL_CFG, REPO
 
 from deployments.config import ArgsError, parse_args, parse_size, retry_after_s
-from deployments.storage.jobs import JobState, JobStore
+from deployments.states import JobState
+from deployments.storage.jobs import JobStore
 from deployments.policy import backlog_policy
 from deployments.router.service import overall_percent
 from deployments.storage.sessions import SessionStore, new_session_id

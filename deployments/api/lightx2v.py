@@ -19,7 +19,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from .errors import ApiError, bad_request
-from ..storage.jobs import JobState
+from ..states import JobState
 from .schemas import QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus
 from ..router.service import Service
 

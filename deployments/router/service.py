@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator
 from ..config import AppArgs, format_size, retry_after_s
 from .dispatcher import REPLICA_GONE, ModelDispatcher, SessionLost
 from ..api.errors import ApiError, bad_request, not_found
-from ..storage.jobs import Job, JobState, JobStore
+from ..states import JobState
+from ..storage.jobs import Job, JobStore
 from .metrics import Metrics
 from ..storage.sessions import SessionStore, new_session_id
 from .catalog import Catalog, load_image

@@ -46,11 +46,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
+
+from ..states import TERMINAL_STATES, JobKind, JobState
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +63,13 @@ PART_SUFFIX = ".part"
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 
 
-class JobState(str, Enum):
-    queued = "queued"
-    in_progress = "in_progress"
-    completed = "completed"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-    def __str__(self) -> str:  # "queued", not "JobState.queued", in f-strings and logs
-        return self.value
-
-
-TERMINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.cancelled})
-JobKind = Literal["video", "fragment"]
 
 
 class Job(BaseModel):
     """One job as stored; `job.model_dump(mode="json")` is plain JSON."""
 
     id: str
-    kind: JobKind = "video"
+    kind: JobKind = JobKind.video
     model: str
     session_id: str | None = None
     request: dict[str, Any] = Field(default_factory=dict)
@@ -270,16 +254,18 @@ class JobStore:
 
     # -- create / read ----------------------------------------------------------------------------
 
-    def create(self, model: str, request: dict, kind: JobKind = "video", session_id: str | None = None) -> Job:
+    def create(self, model: str, request: dict, kind: JobKind | str = JobKind.video,
+               session_id: str | None = None) -> Job:
         """A new queued job; `request` must be JSON-serialisable (it is stored as JSON)."""
-        if kind not in ("video", "fragment"):
+        if kind not in {k.value for k in JobKind}:
             raise ValueError(f"kind must be 'video' or 'fragment', got {kind!r}")
+        kind = JobKind(kind)
         job = Job(id=new_job_id(), kind=kind, model=model, session_id=session_id, request=request,
                   created_at=time.time())
         with self._write() as c:
             c.execute("INSERT INTO jobs (id, kind, model, session_id, request, state, created_at, timings) "
                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (job.id, job.kind, job.model, job.session_id, json.dumps(request), job.state.value,
+                      (job.id, job.kind.value, job.model, job.session_id, json.dumps(request), job.state.value,
                        job.created_at, "{}"))
         return job
 
