@@ -1,17 +1,9 @@
 """CausVid sessions: 10 fragments in one session — time per fragment, cache bytes, time to first block.
 
-Two sessions of the same small-but-real CausVid setup (blocks of 3 latent frames, 7 blocks = 21 frames per
-fragment, the 9-step CausVid list, a streaming VAE decode of every block):
-
-* "window": `attention_window` 21 latent frames with the first block as sink (Self-Forcing's rolling
-  cache). Once the window is full (during fragment 1) every block attends to the same number of keys, so
-  fragment 10 should cost what fragment 2 costs: `ratio_10_2` (goal <= 1.10).
-* "no_window": everything of the session kept (LightX2V's growing cache): the cache and each block's
-  attention grow with the video, which is what the window is for.
-
-Each fragment's time is the fastest over `--repeats` runs of the whole session (the least disturbed by other
-load on the machine). One intra-op thread by default: these tensors are small, and on a shared 2-core box a
-second thread mostly adds contention. Prints one JSON object.
+Two sessions of a small-but-real CausVid setup: "window" (a 21-frame attention window with a sink, so
+fragment 10 should cost what fragment 2 costs: `ratio_10_2`, goal <= 1.10) and "no_window" (the growing
+cache the window is for). Fastest of `--repeats` runs per fragment, one thread by default; prints one JSON
+object. The setup in full: ARCHITECTURE.md.
 
     python benchmarks/causvid_fragments.py [--fragments 10] [--repeats 1] [--threads 1]
 """
@@ -27,8 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model import registry  # noqa: E402
+from model.archs import DiTArch  # noqa: E402
 from model.causal_pipeline import CausVidPipeline  # noqa: E402
-from model.config import DiTArch, load_run_config  # noqa: E402
+from model.config import load_run_config  # noqa: E402
 from model.dit import WanModel  # noqa: E402
 from model.tiny import write_tiny_model  # noqa: E402
 
@@ -82,8 +76,9 @@ def main() -> None:
         with torch.no_grad():  # init_weights zeroes the head; give the flow a visible scale
             torch.nn.init.normal_(dit.head.head.weight, std=0.02)
         root = write_tiny_model(Path(tmp) / "model", "t2v", dit=dit, causal=dit, words=PROMPT.split())
-        cfg = load_run_config(CONFIG, model_cls="wan2.1_causvid")
-        windowed = load_run_config({**CONFIG, "attention_window": 21, "sink_frames": 3}, model_cls="wan2.1_causvid")
+        cfg = load_run_config(CONFIG, model_cls=registry.CAUSVID.name)
+        windowed = load_run_config({**CONFIG, "attention_window": 21, "sink_frames": 3},
+                                   model_cls=registry.CAUSVID.name)
         base = CausVidPipeline.from_pretrained(root, cfg)
         win = CausVidPipeline(base.dit, base.text_encoder, base.vae, windowed, base.device)
         win.start_session(PROMPT, seed=1).next_fragment()  # warm up: first-call allocations out of the timing

@@ -18,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import DiTArch, load_run_config  # noqa: E402
+from model import registry  # noqa: E402
+from model.archs import DiTArch  # noqa: E402
+from model.config import load_run_config  # noqa: E402
 from model.dit import WanModel  # noqa: E402
 from model.pipeline import WanPipeline  # noqa: E402
 from model.tiny import write_tiny_model  # noqa: E402
@@ -47,8 +49,8 @@ def main() -> None:
         dit = WanModel(ARCH).init_weights()
         root = write_tiny_model(Path(tmp) / "model", "t2v", dit=dit, distill=dit,
                                 words="a red square moving left on blue background".split())
-        base = WanPipeline.from_pretrained(root, load_run_config(BASE, model_cls="wan2.1"))
-        distill = WanPipeline.from_pretrained(root, load_run_config(DISTILL, model_cls="wan2.1_distill"))
+        base = WanPipeline.from_pretrained(root, load_run_config(BASE, model_cls=registry.BASE.name))
+        distill = WanPipeline.from_pretrained(root, load_run_config(DISTILL, model_cls=registry.DISTILL.name))
         distill.generate("warm up", seed=0)  # first-call allocations out of the timing
         d = best_run(distill, max(args.repeats, 3))
         b = best_run(base, args.repeats)

@@ -2,19 +2,10 @@
 
     python benchmarks/quality.py [--model demo_model] [--n 24] [--threads 1]
 
-For each generator — the teacher (50-step UniPC + CFG 5, configs/tiny/base_t2v.json), the 4-step student
-(configs/tiny/distill_t2v.json) and the causal student (configs/tiny/demo_causvid_t2v.json, one fragment) —
-every prompt of `training.data.eval_prompts(n)` (balanced over shapes and directions) is generated with seed
-1000 + i through the real pipeline on the shipped weights, written as mp4, read back and scored by
-training/quality.py. Adherence = mean fraction of (shape, colour, direction) right; "full" = all three.
-
-Wall times: each generate() call end to end (text encoding, DiT, VAE decode; not the mp4 write), after one
-untimed warm-up call. The teacher/distill speed ratio is measured separately in `--speed-rounds`
-interleaved rounds (teacher once, then distill three times, same prompt) and uses the fastest run of
-each, the one least disturbed by other load on a shared machine; the ratio of the medians of those rounds
-and of the adherence pass (where each short distill call follows an mp4 write and a scoring pass, so it
-starts with cold caches) are reported too. Runs single-threaded by default: on a loaded 2-core machine
-two threads mostly wait for each other.
+The teacher, the 4-step student and the causal student each generate every prompt of
+`training.data.eval_prompts(n)` through the real pipeline on the shipped weights; each mp4 is read back and
+scored by training/quality.py. Wall times are whole generate() calls after a warm-up; the teacher/distill
+speed ratio comes from separate interleaved rounds. How each number is measured: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -31,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training import data
-from training.demo import CONFIGS, generate, load_pipeline
+from training.demo import CONFIGS, generate, load_pipeline, skipped
 from training.quality import score, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +85,7 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         pipes = {}
         for variant in CONFIGS:
-            if variant in args.skip or (variant == "causal" and not (model / "causvid_models").is_dir()):
+            if variant in args.skip or skipped(variant, model):
                 continue
             pipes[variant] = load_pipeline(variant, model)
             res = run_variant(pipes[variant], variant, prompts, out)

@@ -43,12 +43,13 @@ def follow(url: str, job_id: str) -> dict:
 def _direct_worker(root: str, config: str, seeds: list[int]) -> None:
     import torch
 
+    from model import registry
     from model.config import load_run_config
     from model.pipeline import WanPipeline
     from model.video import write_mp4
 
     torch.set_num_threads(1)
-    pipe = WanPipeline.from_pretrained(Path(root), load_run_config(config, model_cls="wan2.1", task="t2v"))
+    pipe = WanPipeline.from_pretrained(Path(root), load_run_config(config, model_cls=registry.BASE.name, task="t2v"))
     pipe.generate(PROMPT, seed=0)  # warm-up, like the served runs
     barrier.wait()
     for seed in seeds:
@@ -111,6 +112,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from model import registry
+
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -122,7 +125,7 @@ def main() -> None:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         args = {"state_dir": str(tmp / "state"), "max_queued_jobs": 64, "models": [{
-            "name": "bench", "model_path": str(root), "model_cls": "wan2.1", "task": "t2v",
+            "name": "bench", "model_path": str(root), "model_cls": registry.BASE.name, "task": "t2v",
             "config_json": str(config), "num_threads": 1, "replica_cpus": 0.5, "rank_cpus": 0.5}]}
         os.environ.setdefault("RAY_worker_niceness", "0")  # as the other processes on the machine
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

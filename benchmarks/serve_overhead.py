@@ -1,14 +1,9 @@
 """What serving costs: the same job through the whole Serve app over HTTP vs a direct pipeline call.
 
-Direct: `WanPipeline.generate` + `write_mp4` in this process (one torch thread). Served: POST /v1/videos
-to a real Serve app on localhost (router, SQLite job store, generator replica, its worker actor with one
-torch thread), followed on its event stream (GET /v1/videos/{id}/events) until completed, then GET
-/content. Both sides produce the same mp4 and
-run alternately at the same process priority, so load from elsewhere on the machine hits both alike.
-The job is sized so generation takes a couple of seconds, as a real one does (a mid-size DiT over a small
-video, 20 UniPC steps with CFG), so what is measured is the per-job overhead relative to real work. Each
-side runs `--repeats` times after a warm-up; medians count. Prints JSON with `ratio` = served / direct
-(goal <= 1.10).
+Direct: `WanPipeline.generate` + `write_mp4` in this process; served: POST /v1/videos to a real Serve app on
+localhost, followed on its event stream, then GET /content. Both produce the same mp4 and alternate at the
+same priority; the job is sized like real work (a couple of seconds). Prints JSON with `ratio` = served /
+direct (goal <= 1.10). The setup in full: ARCHITECTURE.md.
 
     python benchmarks/serve_overhead.py [--repeats 5]
 """
@@ -28,7 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from model.config import DiTArch, load_run_config  # noqa: E402
+from model import registry  # noqa: E402
+from model.archs import DiTArch  # noqa: E402
+from model.config import load_run_config  # noqa: E402
 from model.dit import WanModel  # noqa: E402
 from model.tiny import write_tiny_model  # noqa: E402
 
@@ -60,7 +57,7 @@ def measure(root: Path, config: Path, repeats: int, tmp: Path) -> tuple[list[flo
     from model.video import write_mp4
 
     torch.set_num_threads(1)
-    pipe = WanPipeline.from_pretrained(root, load_run_config(config, model_cls="wan2.1", task="t2v"))
+    pipe = WanPipeline.from_pretrained(root, load_run_config(config, model_cls=registry.BASE.name, task="t2v"))
 
     def direct(i: int) -> float:
         t0 = time.perf_counter()
@@ -86,8 +83,8 @@ def measure(root: Path, config: Path, repeats: int, tmp: Path) -> tuple[list[flo
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     args = {"state_dir": str(tmp / "state"), "models": [{
-        "name": "bench", "model_path": str(root), "model_cls": "wan2.1", "task": "t2v", "config_json": str(config),
-        "num_threads": 1, "replica_cpus": 0.5, "rank_cpus": 0.5}]}
+        "name": "bench", "model_path": str(root), "model_cls": registry.BASE.name, "task": "t2v",
+        "config_json": str(config), "num_threads": 1, "replica_cpus": 0.5, "rank_cpus": 0.5}]}
     # Ray runs its workers at niceness 15; the direct call here runs at 0. Same priority for both, so that
     # other load on the machine slows them alike.
     os.environ.setdefault("RAY_worker_niceness", "0")

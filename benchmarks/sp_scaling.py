@@ -2,20 +2,10 @@
 
     python benchmarks/sp_scaling.py [--frames 8 --height 64 --width 64 --layers 2 --repeats 3]
 
-Why: SP is only worth its communication if a forward at video lengths gets faster with more ranks. The
-default shape is 8 latent frames x 64 x 64 = 8192 tokens through a Wan-shaped DiT (head_dim 128 as in Wan2.1,
-dim 256, 2 heads, FFN 4x), fp32, where attention and the linears dominate.
-
-Every configuration runs in freshly spawned processes (engine.launch), one after the other:
-- sp1_1thread: one process, torch.set_num_threads(1)   <- the per-core baseline the speedups divide
-- sp1_2threads: one process, 2 threads (what one process gets from both cores)
-- sp2_ulysses / sp2_ring: two processes (gloo), 1 thread each
-Each does a warm-up forward, then `repeats` timed forwards (a barrier before each under SP); the median is
-reported. `comm_share` = wall time inside collectives (waiting for the other rank included) / forward time,
-per rank; `per_rank_cpu_s` is the CPU time a rank used during its forward (well below forward_s means the
-rank waited: for peers, or for a core, when other work shares the machine: see `loadavg_*`).
-`max_abs_diff_vs_sp1` checks the SP output against SP=1 on the same inputs.
-Prints one JSON object.
+SP is only worth its communication if a forward at video lengths gets faster with more ranks. Each
+configuration (1 process x 1 and 2 threads; 2 processes Ulysses and ring) runs in fresh processes; medians
+of timed forwards, the share of time in collectives, CPU time per rank and the output's difference from
+SP=1 are reported as one JSON object. The configurations and fields: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -32,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from model.config import DiTArch
+from model.archs import DiTArch
 
 ARCH = DiTArch(model_type="t2v", in_dim=16, out_dim=16, dim=256, ffn_dim=1024, freq_dim=256, text_dim=64,
                text_len=32, num_heads=2, num_layers=2)

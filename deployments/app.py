@@ -3,16 +3,9 @@
     serve run configs/serve/demo.yaml            # from the repository root
     python -m deployments.demo                   # the same, plus a client run that writes out/*.mp4
 
-`build_app(args)` validates the args (deployments/config.py: every bad key in one error), checks that
-each model's config_json exists and makes a valid run config, and returns a Router ingress bound to one
-Generator deployment per model:
-
-    Router (FastAPI ingress, 1 replica, no GPU)
-      ├── Generator-<model 1>: num_replicas or autoscaling; each replica = placement group
-      │     [{CPU: 1}] + [{CPU: 1, GPU: 1}] * sp_size  (STRICT_PACK: one node), one SP worker group
-      └── Generator-<model 2> ...
-
-Model folders are opened by the generator replicas (the GPU nodes), so they are not checked here.
+`build_app(args)` validates the args (deployments/config.py: every bad key in one error), checks that each
+model's config_json makes a valid run config, and returns a Router ingress bound to one Generator deployment
+per model (ARCHITECTURE.md, "Processes"). Model folders are opened by the replicas (the GPU nodes), not here.
 """
 from __future__ import annotations
 
@@ -21,7 +14,7 @@ from typing import Any
 from ray import serve
 
 from .config import AppArgs, ArgsError, parse_args
-from .replica.generator import generator_deployment
+from .replica.deployment import generator_deployment
 from .router.ingress import Router
 
 ROUTER_NAME = "Router"

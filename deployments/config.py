@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.registry import ModelClsName, model_class
+from model.validation import format_validation_error
+
 MODEL_NAME_RE = r"^[a-z0-9][a-z0-9.-]*$"
 
 
@@ -59,7 +62,8 @@ class Limits(BaseModel):
     """What one request may ask for; beyond these the router answers 4xx saying which limit."""
 
     model_config = ConfigDict(extra="forbid")
-    max_prompt_chars: int = Field(2000, ge=1)
+    max_prompt_chars: int | None = Field(None, ge=1, description="prompt length; default: each model's own "
+                                         "(its config's max_prompt_chars), which this sets for every model")
     max_frames: int = Field(161, ge=1)
     max_pixels: int = Field(1280 * 720, ge=256, description="height * width")
     max_upload_bytes: int = Field(10 << 20, ge=1024)
@@ -73,7 +77,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=MODEL_NAME_RE)
     model_path: str
-    model_cls: Literal["wan2.1", "wan2.1_distill", "wan2.1_causvid"]
+    model_cls: ModelClsName
     task: Literal["t2v", "i2v"]
     config_json: str
     device: Literal["cpu", "cuda"] = "cpu"
@@ -97,13 +101,16 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name!r}: give num_replicas or autoscaling, not both")
         if self.num_replicas is None and self.autoscaling is None:
             self.num_replicas = 1
-        if self.model_cls == "wan2.1_causvid" and self.task != "t2v":
-            raise ValueError(f"model {self.name!r}: wan2.1_causvid is text-to-video only (task: t2v)")
+        kind = model_class(self.model_cls)
+        if self.task not in kind.tasks:
+            words = " and ".join({"t2v": "text-to-video", "i2v": "image-to-video"}[t] for t in kind.tasks)
+            raise ValueError(f"model {self.name!r}: {kind.name} is {words} only (task: {self.task})")
         return self
 
     @property
     def causvid(self) -> bool:
-        return self.model_cls == "wan2.1_causvid"
+        """Block-by-block generation with sessions (the registry's `sessions`)."""
+        return model_class(self.model_cls).sessions
 
     @property
     def deployment_name(self) -> str:
@@ -158,6 +165,15 @@ class AppArgs(BaseModel):
             raise ValueError(f"model names must be unique; repeated: {dup}")
         return models
 
+    @model_validator(mode="after")
+    def _one_prompt_limit(self):
+        """limits.max_prompt_chars travels to every model as its config key, so the router's check and the
+        replicas' check are one check with one limit (a model's own `config` override wins)."""
+        if self.limits.max_prompt_chars is not None:
+            for m in self.models:
+                m.config.setdefault("max_prompt_chars", self.limits.max_prompt_chars)
+        return self
+
     @property
     def uploads_dir(self) -> Path:
         return Path(self.state_dir) / "uploads"
@@ -175,15 +191,9 @@ def parse_args(args: dict[str, Any] | AppArgs) -> AppArgs:
     try:
         return AppArgs.model_validate(args)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "<args>"
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "extra_forbidden":
-                msg = "unknown key (see configs/serve/demo.yaml for the keys)"
-            shown = f" = {e['input']!r}" if "input" in e and e["type"] not in ("missing", "extra_forbidden") else ""
-            lines.append(f"{key}{shown}: {msg}")
-        raise ArgsError("invalid wanserve application args:\n  " + "\n  ".join(lines)) from None
+        raise ArgsError(format_validation_error(
+            err, "invalid wanserve application args", root="<args>", hide_input=("missing", "extra_forbidden"),
+            messages={"extra_forbidden": "unknown key (see configs/serve/demo.yaml for the keys)"})) from None
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from model.registry import CAUSVID, DISTILL, model_class
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "serve" / "demo.yaml"
 # The demo model knows the words of its training grammar (training/data.py): shapes, colours, directions.
@@ -43,7 +45,8 @@ def check_model_files(args: dict) -> list[str]:
         if not root.is_dir():
             problems.append(f"model folder {root} not found (model {m['name']})")
             continue
-        sub = {"wan2.1_distill": "distill_models", "wan2.1_causvid": "causvid_models"}.get(m["model_cls"])
+        student = model_class(m["model_cls"]).student
+        sub = student[0] if student else None
         if sub and not any((root / sub).glob("*.safetensors")) and not any((root / sub).glob("*.pt")):
             print(f"note: {root / sub} is missing: model {m['name']} is left out of the demo")
             args["models"].remove(m)
@@ -96,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         client = WanClient(url)
         models = {m["model_cls"]: m["name"] for m in args["models"]}
         opts.out.mkdir(parents=True, exist_ok=True)
-        if "wan2.1_distill" in models:
-            job = client.generate(PROMPT, model=models["wan2.1_distill"], seed=7)
+        if DISTILL.name in models:
+            job = client.generate(PROMPT, model=models[DISTILL.name], seed=7)
             done = job.wait(progress=True, timeout=300)
             path = job.save(opts.out / "demo_t2v.mp4")
             print(f"T2V {job.id}: {url}/v1/videos/{job.id}/content -> {path}")
             print("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in done["timings"].items()))
-        if "wan2.1_causvid" in models:
-            with client.session(model=models["wan2.1_causvid"], prompt=PROMPT, seed=7) as session:
+        if CAUSVID.name in models:
+            with client.session(model=models[CAUSVID.name], prompt=PROMPT, seed=7) as session:
                 for k, prompt in enumerate((None, None)):  # fragment 2 continues the same prompt from the cache
                     part = session.next_fragment(prompt=prompt)
                     blocks = [(i, time.perf_counter()) for i, _ in part.blocks(timeout=300)]

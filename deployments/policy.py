@@ -1,20 +1,10 @@
-"""How router calls meet generator replicas, and how many replicas there should be.
+"""Serve policy objects of the generator deployments: which replica a call goes to, how many replicas to run.
 
-The router, not Serve, decides which replica runs a job: it holds the durable queue, knows which replica
-is busy (it dispatched the jobs) and which one holds each CausVid session's cache. `PinnedRouter` is the
-Serve request router of every generator deployment: a call made with the keyword `route_to=<replica id>`
-goes to that replica while it lives; any other call (or one whose replica is gone) goes to the replica
-with the shortest queue among all of them (Serve's default samples only two).
-
-Why our own affinity rather than Serve's consistent-hash router: hashing remaps ~1/N of the sessions
-whenever a replica is added or removed, and each remapped session costs a cache rebuild; pinning moves
-none, lets new sessions go to the replica with the fewest, and keeps LoRA sets where they are loaded.
-A session whose replica died is rebuilt elsewhere from the state the router stored.
-
-Autoscaling: Serve scales on requests it sees, but jobs wait in the router's queue until a replica is
-free, so Serve never sees them. Each replica therefore reports the router's backlog (which the router
-passes in its status polls) through `record_autoscaling_stats`, and `backlog_policy` asks for enough
-replicas to run the busy and the waiting jobs: ceil((busy + backlog) / target_ongoing_requests).
+`PinnedRouter` (Serve's request router) sends a call made with `route_to=<replica id>` to that replica while
+it lives, anything else to the replica with the shortest queue: the router, not Serve, picks replicas (it
+holds the queue, the busy set and the session owners). `backlog_policy` (Serve's autoscaling policy) scales
+on the router's backlog, which Serve cannot see. Why not consistent hashing, and the formula:
+ARCHITECTURE.md, "Serve policy".
 """
 from __future__ import annotations
 

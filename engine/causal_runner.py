@@ -1,35 +1,10 @@
 """One rank's share of CausVid generation and of the sessions a worker group keeps.
 
-Why: a CausVid session is state — its K/V cache, its cross-attention cache, its streaming VAE decoder, its
-generators — and under sequence parallelism that state is spread over the ranks of the group (each rank's
-cache holds its shard, parallel/causal.py). So a session lives in the worker processes that own the model,
-and every rank keeps its own `CausalSession` of the same video, with the same id, advanced by the same
-calls in the same order. `CausalRunner` is that per-rank table and the calls on it; `parallel/workers.py`
-forwards each call of `SPWorkerGroup` to every rank and returns rank 0's answer.
-
-Who does what (as `ParallelRunner` for the bidirectional pipelines):
-* rank 0 loads the whole pipeline; the others the DiT alone (`denoise_only`);
-* prompts: rank 0 runs umT5 and broadcasts the context (`SharedTextEncoder`, installed as every rank's
-  `text_encoder`); each rank computes its cross-attention K/V from it (cross-attention is per token: every
-  rank needs every head);
-* noise: not broadcast — every rank's session seeds the same generators and draws the same numbers;
-* every rank runs every block forward (its token shard); rank 0 decodes each block as it finishes and
-  alone keeps frames, so `fragment_blocks`, `session_video` and `session_state` are rank 0's;
-* control: rank 0 alone decides to cancel (one broadcast flag per DiT step), and everything a request can
-  get wrong (unknown session, bad prompt or size, a state that does not fit, RoPE's end) is checked on
-  every rank from the same arguments before any collective, so all ranks raise the same benign error and
-  the group stays usable.
-
-Calls that change a session (open, next_fragment, restore, offload, reload, close) must reach every rank
-and run one at a time (SPWorkerGroup's lock); reads (info, list, fragment_blocks, video, stats) are local
-and answer while a fragment is being generated.
-
-Tiers: "active" — caches on the compute device, ready; "idle" — caches moved to CPU memory
-(`offload`), moved back by `reload` (or by the next `next_fragment`). On a CUDA device that frees GPU
-memory; on a CPU-only machine the compute device *is* CPU memory, and offload still makes a real copy into
-fresh buffers (the old ones are freed) and moves the session's bytes from the active to the idle
-account, so a session manager's accounting behaves the same on both. Whether and when to offload or close
-is the replica's session manager's decision; `info` gives it the numbers.
+A session is state (K/V and cross-attention caches, streaming VAE decoder, generators) spread over the
+ranks under SP, so it lives in the worker processes: every rank keeps its own `CausalSession` of the same
+video under the same id, advanced by the same calls in the same order. Everything a request can get wrong
+is checked on every rank before any collective, so all ranks raise the same benign error. Tiers: active
+(caches on the compute device) / idle (in fresh CPU buffers). ARCHITECTURE.md ("engine") has the rest.
 """
 from __future__ import annotations
 
@@ -39,21 +14,33 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from model.attention import LOCAL
 from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline
-from model.config import ConfigError, RunConfig
-from model.pipeline import Cancelled, Generation, Progress, Request, RequestError, StageTimer
-
-from parallel.attention import CommStats, SequenceParallelLayout
+from model.config import ConfigError
+from model.pipeline import (
+    Cancelled,
+    Generation,
+    Request,
+    RequestError,
+    StageTimer,
+    check_prompt,
+)
 from parallel.causal import attach
-from parallel.group import Group, GroupLayout
-from .runner import RemoteError
+from parallel.group import Group
+
+from .protocol import (
+    RemoteError,
+    collective_cancel,
+    rank0_progress,
+    share_result,
+    share_tensors,
+)
+from .runner import attach_group
+from .tiers import Tier
 
 IDLE_DEVICE = torch.device("cpu")
 
@@ -79,18 +66,11 @@ class SessionExists(RequestError):
 
 
 class SessionsNotSupported(RequestError):
-    """Sessions need a CausVid model (model_cls wan2.1_causvid); this group runs another pipeline."""
+    """Sessions need a model class with sessions (a CausVid one); this group runs another pipeline."""
 
 
 class InvalidSessionState(RequestError):
     """A state given to restore does not fit this model or config (or is not a session state at all)."""
-
-
-def load_rank_causal_pipeline(model_path, cfg: RunConfig, rank: int, device: torch.device | str = "cpu",
-                              dtype: torch.dtype | None = None, lora_roots=None) -> CausVidPipeline:
-    """Rank 0: the whole CausVid pipeline; other ranks: the DiT only (they never encode or decode)."""
-    return CausVidPipeline.from_pretrained(model_path, cfg, device=device, dtype=dtype, lora_roots=lora_roots,
-                                           denoise_only=rank != 0)
 
 
 class SharedTextEncoder:
@@ -103,43 +83,18 @@ class SharedTextEncoder:
 
     def __init__(self, inner, group: Group):
         self.inner, self.group = inner, group
-        if group.sp.rank == 0 and inner is None:
+        if group.rank == 0 and inner is None:
             raise ConfigError("rank 0 needs the text encoder (it encodes for the group)")
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
-        group = self.group
-        ctx, meta, error = None, None, None
-        if group.sp.rank == 0:
+        ctx, error = None, None
+        if self.group.rank == 0:
             try:
                 ctx, _ = self.inner.encode(prompts)
-                ctx = ctx.to(group.device).contiguous()
-                meta = {"shape": tuple(ctx.shape), "dtype": ctx.dtype}
-            except Exception as e:
+            except Exception as e:  # forwarded: every rank raises it (engine/protocol.py)
                 error = e
-        meta = share_from_rank0(group, meta, error)
-        if ctx is None:
-            ctx = torch.empty(meta["shape"], dtype=meta["dtype"], device=group.device)
-        dist.broadcast(ctx, src=group.sp.ranks[0], group=group.sp.pg)
-        return ctx, None
-
-
-def share_from_rank0(group: Group, value, error: BaseException | None = None):
-    """Rank 0's `value` — or its error — on every rank of the SP group (a pickled broadcast).
-
-    An error is raised on every rank: a RequestError as a RequestError (rank 0 raises its own), anything
-    else as RemoteError naming rank 0's exception, so every rank leaves the call alike."""
-    box = [("error", (type(error).__name__, str(error), isinstance(error, RequestError))) if error is not None
-           else ("ok", value)]
-    if group.world_size > 1:
-        dist.broadcast_object_list(box, src=group.sp.ranks[0], group=group.sp.pg,
-                                   device=group.device if group.backend == "nccl" else None)
-    kind, payload = box[0]
-    if kind == "ok":
-        return payload
-    name, msg, is_request = payload
-    if is_request:
-        raise error if error is not None else RequestError(msg)
-    raise RemoteError(f"rank 0: {name}: {msg}") from error
+        shared, _ = share_tensors(self.group, {"context": ctx} if ctx is not None else None, error=error)
+        return shared["context"], None
 
 
 @dataclass
@@ -149,7 +104,7 @@ class SessionEntry:
     session: CausalSession
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-    tier: str = "active"
+    tier: Tier = Tier.active
     call_first_block: int = 0  # first block (session index) of the running / last next_fragment call
     call_blocks: int = 0  # blocks that call makes
     busy: bool = False
@@ -164,18 +119,10 @@ class CausalRunner:
     BENIGN = (Cancelled, RequestError, RemoteError, SessionNotFound)
 
     def __init__(self, pipe: CausVidPipeline, group: Group):
-        cfg = pipe.cfg
-        expected = GroupLayout.from_parallel(cfg.parallel)
-        if expected != group.layout:
-            raise ConfigError(f"the config's parallel layout {expected} does not match the group's {group.layout}")
         if group.cfg.size > 1:
             raise ConfigError("CausVid has no CFG branch to split: cfg_p_size must be 1")
-        if group.rank == 0 and pipe.denoise_only:
-            raise ConfigError("rank 0 needs the whole pipeline (it encodes and decodes); load it without denoise_only")
         self.pipe, self.group = pipe, group
-        self.comm = CommStats()
-        self.layout = SequenceParallelLayout(group, self.comm) if group.sp.size > 1 else LOCAL
-        pipe.dit.layout = self.layout
+        self.comm, self.layout = attach_group(pipe, group)
         attach(pipe.causal, self.layout)
         if group.world_size > 1:
             pipe.text_encoder = SharedTextEncoder(pipe.text_encoder, group)
@@ -195,28 +142,6 @@ class CausalRunner:
 
     def _watch(self, what: str):
         return self.group.watch(what, benign=self.BENIGN)
-
-    def _collective_cancel(self, cancel: Callable[[], bool] | None) -> Callable[[], bool]:
-        """Rank 0 asks `cancel`; every rank gets the same answer (one broadcast per question)."""
-        group = self.group
-
-        def collective() -> bool:
-            mine = bool(group.rank == 0 and cancel is not None and cancel())
-            if group.world_size == 1:
-                return mine
-            flag = torch.tensor([int(mine)], dtype=torch.int32, device=group.device)
-            dist.broadcast(flag, src=group.sp.ranks[0], group=group.sp.pg)
-            return bool(flag.item())
-        return collective
-
-    def _progress(self, progress: Callable[[Progress], None] | None):
-        group = self.group
-
-        def on_step(p: Progress) -> None:
-            group.phase = f"{p.stage} {p.step}/{p.total}"
-            if progress and group.rank == 0:
-                progress(p)
-        return on_step
 
     def _track(self, session: CausalSession) -> CausalSession:
         self._alive.add(session)
@@ -263,8 +188,8 @@ class CausalRunner:
         gc.collect()
         with self._table:
             entries = list(self.sessions.values())
-        active = sum(e.session.cache_bytes() for e in entries if e.tier == "active")
-        idle = sum(e.session.cache_bytes() for e in entries if e.tier == "idle")
+        active = sum(e.session.cache_bytes() for e in entries if e.tier == Tier.active)
+        idle = sum(e.session.cache_bytes() for e in entries if e.tier == Tier.idle)
         return {"rank": self.group.rank, "sessions": len(entries), "active_bytes": active, "idle_bytes": idle,
                 "tracked_bytes": active + idle, "live_session_objects": len(self._alive)}
 
@@ -291,7 +216,7 @@ class CausalRunner:
         blocks finished before a cancel stay in the session."""
         entry = self._entry(session_id)
         s = entry.session
-        if entry.tier == "idle":
+        if entry.tier == Tier.idle:
             self.reload(session_id)
         entry.touch()
         entry.call_first_block = s.blocks
@@ -306,8 +231,8 @@ class CausalRunner:
         self.comm.reset()
         try:
             with self._watch(f"session {session_id}: next fragment"):
-                s.next_fragment(prompt, progress=self._progress(progress), cancel=self._collective_cancel(cancel),
-                                on_block=on_block)
+                s.next_fragment(prompt, progress=rank0_progress(self.group, progress),
+                                cancel=collective_cancel(self.group, cancel), on_block=on_block)
         finally:
             entry.busy = False
             entry.touch()
@@ -332,26 +257,27 @@ class CausalRunner:
             raise InvalidSessionState(str(e)) from None
         self.current = None
         with self._watch(f"session {session_id}: restore"):
-            session = self._track(CausalSession.restore(self.pipe, state, self._progress(progress)))
+            session = self._track(CausalSession.restore(self.pipe, state, rank0_progress(self.group, progress)))
         self.group.phase = "idle"
         with self._table:
             self.sessions[session_id] = SessionEntry(session)
         return self.info(session_id)
 
     def offload(self, session_id: str) -> dict[str, Any]:
-        """Idle tier: this rank's caches into fresh CPU buffers (module docstring: what that means on CPU)."""
+        """Idle tier: this rank's caches into fresh CPU buffers — on a CPU-only machine too (a real copy, the old
+        buffers freed, the bytes moved from the active to the idle account)."""
         entry = self._entry(session_id)
-        if entry.tier != "idle":
+        if entry.tier != Tier.idle:
             entry.session.to(IDLE_DEVICE, copy=True)
-            entry.tier = "idle"
+            entry.tier = Tier.idle
         return self.info(session_id)
 
     def reload(self, session_id: str) -> dict[str, Any]:
         """Active tier: this rank's caches back onto the compute device (fresh buffers there)."""
         entry = self._entry(session_id)
-        if entry.tier != "active":
+        if entry.tier != Tier.active:
             entry.session.to(self.pipe.device, copy=True)
-            entry.tier = "active"
+            entry.tier = Tier.active
             entry.touch()
         return self.info(session_id)
 
@@ -381,17 +307,17 @@ class CausalRunner:
             if group.rank == 0:
                 try:
                     args = self._check_request(request)
-                except Exception as e:
+                except Exception as e:  # forwarded, not swallowed: every rank raises it (engine/protocol.py)
                     error = e
             with timer("broadcast"):
-                args = share_from_rank0(group, args, error)
+                args = share_result(group, args, error)
             session = self._track(pipe.start_session(*args))
             n = pipe.cfg.num_fragments
             videos = []
             with timer("dit"):  # the fragments' own split (text / dit / vae) is in the session's timings
                 for _ in range(n):
-                    videos.append(session.next_fragment(progress=self._progress(progress),
-                                                        cancel=self._collective_cancel(cancel)))
+                    videos.append(session.next_fragment(progress=rank0_progress(self.group, progress),
+                                                        cancel=collective_cancel(self.group, cancel)))
             group.phase = "idle"
         latents, nfe = session.latents(), session.nfe
         session.release()
@@ -414,7 +340,6 @@ class CausalRunner:
             raise RequestError(f"frames = {request.frames}: a CausVid video is num_fragments x num_frames latent "
                                f"frames ({n} x {pipe.cfg.num_frames} = {frames} frames); change num_fragments in the "
                                "config, or use a session to grow a video fragment by fragment")
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
-            raise RequestError("prompt must not be empty")
+        check_prompt(request.prompt, pipe.cfg.max_prompt_chars)
         seed, height, width = pipe.check_request(request.seed, request.height, request.width)
         return request.prompt, seed, height, width

@@ -1,28 +1,18 @@
-"""One rank's share of a parallel generation: inputs once, outputs once.
+"""One rank's share of a bidirectional (T2V / I2V) generation: inputs once, outputs once.
 
-Rank 0 validates the request and runs the text / image encoders and the noise draw (`WanPipeline.encode`),
-then broadcasts the `Conditioning` — its shapes first, then its tensors — to every rank. Every rank runs the
-sampler (`WanPipeline.denoise`) with its DiT's tokens sharded over its SP group, so all ranks hold the same
-latents after every step. Rank 0 decodes. Since the noise is drawn once, from the seed, on rank 0, a seed
-gives the same video whatever sp_size.
-
-CFG parallel (cfg_p_size 2): the ranks of CFG index 0 run the conditional branch, those of index 1 the
-unconditional one (each an SP group); one all-gather of the flow per step over the CFG group, and every rank
-combines the two flows exactly as the serial sampler does and takes the same scheduler step.
-
-Control crosses ranks too: rank 0 alone decides whether to cancel (one broadcast flag per step) and its
-request errors are broadcast so every rank leaves the job in the same state and the group stays usable.
+Rank 0 checks and encodes (and draws the noise), shares the `Conditioning` over engine/protocol.py; every
+rank runs the sampler on its token shard (and CFG branch); rank 0 decodes. A seed gives the same video
+whatever the group's size. ARCHITECTURE.md ("engine") has the whole protocol.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from model.attention import LOCAL
-from model.config import ConfigError, RunConfig
+from model.attention import LOCAL, TokenLayout
+from model.config import ConfigError
 from model.pipeline import (
     Cancelled,
     Conditioning,
@@ -33,21 +23,25 @@ from model.pipeline import (
     StageTimer,
     WanPipeline,
 )
-
 from parallel.attention import CommStats, SequenceParallelLayout
 from parallel.fsdp import shard_dit
 from parallel.group import Group, GroupLayout
 
-
-class RemoteError(RuntimeError):
-    """Rank 0 failed before the denoising started (the message is rank 0's); the group is still usable."""
+from .protocol import RemoteError, collective_cancel, rank0_progress, share_tensors
 
 
-def load_rank_pipeline(model_path: str | Path, cfg: RunConfig, rank: int, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | None = None, lora_roots=None) -> WanPipeline:
-    """Rank 0: the whole pipeline; other ranks: the DiT only (they never encode or decode)."""
-    return WanPipeline.from_pretrained(model_path, cfg, device=device, dtype=dtype, lora_roots=lora_roots,
-                                       denoise_only=rank != 0)
+def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
+    """What both runners check and attach: the config's layout is the group's, rank 0 holds the whole pipeline
+    (it encodes and decodes), and the DiT shards its tokens over the SP group (one process: LOCAL)."""
+    expected = GroupLayout.from_parallel(pipe.cfg.parallel)
+    if expected != group.layout:
+        raise ConfigError(f"the config's parallel layout {expected} does not match the group's {group.layout}")
+    if group.rank == 0 and pipe.denoise_only:
+        raise ConfigError("rank 0 needs the whole pipeline (it encodes and decodes); load it without denoise_only")
+    stats = CommStats()
+    layout = SequenceParallelLayout(group, stats) if group.sp.size > 1 else LOCAL
+    pipe.dit.layout = layout
+    return stats, layout
 
 
 class ParallelRunner:
@@ -57,66 +51,23 @@ class ParallelRunner:
 
     def __init__(self, pipe: WanPipeline, group: Group):
         cfg = pipe.cfg
-        expected = GroupLayout.from_parallel(cfg.parallel)
-        if expected != group.layout:
-            raise ConfigError(f"the config's parallel layout {expected} does not match the group's {group.layout}")
         if group.cfg.size > 1 and not cfg.enable_cfg:
             raise ConfigError("parallel.cfg_p_size = 2 runs the two CFG branches on different ranks, but this "
                               "config has enable_cfg = false; set cfg_p_size to 1")
-        if group.rank == 0 and pipe.denoise_only:
-            raise ConfigError("rank 0 needs the whole pipeline (it encodes and decodes); load it without denoise_only")
         self.pipe, self.group = pipe, group
-        self.stats = CommStats()
-        self.layout = SequenceParallelLayout(group, self.stats) if group.sp.size > 1 else LOCAL
-        pipe.dit.layout = self.layout
+        self.stats, self.layout = attach_group(pipe, group)
         if cfg.parallel is not None and cfg.parallel.dit_fsdp:
             shard_dit(pipe.dit, group)
         self.guidance = self._cfg_parallel if group.cfg.size > 1 else None
 
     # ---- collectives of the job ----
-    def _broadcast_object(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.group.device if self.group.backend == "nccl" else None)
-        return box[0]
-
     def share_conditioning(self, cond: Conditioning | None, error: BaseException | None = None) -> Conditioning:
-        """Rank 0's conditioning (or its error) on every rank: metadata first, then each tensor."""
-        meta = None
-        if self.group.rank == 0:
-            err = None if error is None else (type(error).__name__, str(error))
-            tensors = {} if cond is None else {k: None if v is None else (tuple(v.shape), v.dtype)
-                                               for k, v in cond.tensors().items()}
-            meta = {"error": err, "seed": None if cond is None else cond.seed, "tensors": tensors}
-        meta = self._broadcast_object(meta)
-        if meta["error"] is not None:
-            name, msg = meta["error"]
-            if self.group.rank == 0:
-                if isinstance(error, RequestError):
-                    raise error
-                raise RemoteError(f"rank 0: {name}: {msg}") from error
-            raise (RequestError(msg) if name == "RequestError" else RemoteError(f"rank 0: {name}: {msg}"))
-        dev = self.group.device
-        out = {}
-        for name, spec in meta["tensors"].items():
-            if spec is None:
-                out[name] = None
-                continue
-            shape, dtype = spec
-            t = (getattr(cond, name).to(dev).contiguous() if self.group.rank == 0
-                 else torch.empty(shape, dtype=dtype, device=dev))
-            dist.broadcast(t, src=0)
-            out[name] = t
-        return Conditioning(out["context"], out["context_null"], out["clip_fea"], out["y"], out["noise"], meta["seed"])
-
-    def _cancel_fn(self, cancel):
-        """Rank 0 asks `cancel`; every rank gets the same answer."""
-        def collective() -> bool:
-            flag = torch.zeros(1, dtype=torch.int32, device=self.group.device)
-            if self.group.rank == 0 and cancel is not None and cancel():
-                flag.fill_(1)
-            dist.broadcast(flag, src=0)
-            return bool(flag.item())
-        return collective
+        """Rank 0's conditioning (or its error, raised on every rank) on every rank: shapes first, then tensors."""
+        rank0 = self.group.rank == 0 and cond is not None
+        tensors, seed = share_tensors(self.group, cond.tensors() if rank0 else None, cond.seed if rank0 else None,
+                                      error)
+        return Conditioning(tensors["context"], tensors["context_null"], tensors["clip_fea"], tensors["y"],
+                            tensors["noise"], seed)
 
     def _cfg_parallel(self, dit, x, t, ctx, ctx_null, extra):
         """This rank's CFG branch, the other branch's flow gathered, combined as the serial sampler does."""
@@ -139,11 +90,7 @@ class ParallelRunner:
         t0 = time.perf_counter()
         self.stats.reset()
 
-        def on_step(p: Progress):
-            group.phase = f"{p.stage} {p.step}/{p.total}"
-            if progress and group.rank == 0:
-                progress(p)
-
+        on_step = rank0_progress(group, progress)
         with group.watch("generation", benign=self.BENIGN):
             group.phase = "encode"
             cond, req = None, None
@@ -151,12 +98,12 @@ class ParallelRunner:
                 try:
                     req = pipe.check(request)
                     cond = pipe.encode(req, timer, on_step)
-                except Exception as e:
-                    self.share_conditioning(None, e)  # tell the others; raises e
+                except Exception as e:  # forwarded, not swallowed: every rank raises it (engine/protocol.py)
+                    self.share_conditioning(None, e)
             with timer("broadcast"):
                 cond = self.share_conditioning(cond)
             with timer("dit"):
-                latents, nfe = pipe.denoise(cond, on_step, self._cancel_fn(cancel), guidance=self.guidance)
+                latents, nfe = pipe.denoise(cond, on_step, collective_cancel(group, cancel), guidance=self.guidance)
             timer.timings["communication"] = self.stats.seconds
             group.phase = "idle"
         if group.rank != 0:

@@ -12,10 +12,8 @@ from model.config import RunConfig, load_run_config
 from model.pipeline import Generation, Progress, Request
 from parallel.group import GroupLayout, default_device, host_address, host_store, join
 
-from .causal_runner import CausalRunner, SessionsNotSupported, load_rank_causal_pipeline
-from .runner import ParallelRunner, load_rank_pipeline
-
-CAUSVID = "wan2.1_causvid"
+from .causal_runner import CausalRunner, SessionsNotSupported
+from .rank import has_sessions, load_rank_pipeline, rank_runner, session_model_classes
 
 
 class SPWorker:
@@ -29,9 +27,8 @@ class SPWorker:
         self.cfg: RunConfig = load_run_config(config)
         self.device = torch.device(device) if device else default_device()
         self.group_options = group_options or {}
-        self.causal = self.cfg.model_cls == CAUSVID
-        load = load_rank_causal_pipeline if self.causal else load_rank_pipeline
-        self.pipe = load(model_path, self.cfg, rank, self.device, lora_roots=lora_roots)
+        self.causal = has_sessions(self.cfg)
+        self.pipe = load_rank_pipeline(model_path, self.cfg, rank, self.device, lora_roots=lora_roots)
         self.group, self.runner, self._store = None, None, None
         self._cancel = threading.Event()
         self._progress: Progress | None = None
@@ -47,7 +44,7 @@ class SPWorker:
         layout = GroupLayout.from_parallel(self.cfg.parallel)
         self.group = join(self.rank, self.world_size, addr, port, layout, device=self.device, store=self._store,
                           **self.group_options)
-        self.runner = (CausalRunner if self.causal else ParallelRunner)(self.pipe, self.group)
+        self.runner = rank_runner(self.pipe, self.group)
         return self.health()
 
     def _job(self, fn, *args):
@@ -81,7 +78,8 @@ class SPWorker:
     # ---- CausVid sessions (one rank's side; SPWorkerGroup documents the API) ----
     def _sessions(self) -> CausalRunner:
         if not self.causal:
-            raise SessionsNotSupported(f"sessions need model_cls {CAUSVID!r}; this worker runs {self.cfg.model_cls!r}")
+            raise SessionsNotSupported(f"sessions need model_cls {session_model_classes()}; this worker runs "
+                                       f"{self.cfg.model_cls!r}")
         return self.runner
 
     def open_session(self, session_id: str, prompt: str, seed: int | None, height: int | None,

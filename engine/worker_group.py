@@ -1,6 +1,7 @@
 """A sequence-parallel group as Ray actors: what one Serve replica owns (see ARCHITECTURE.md, "engine")."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -10,13 +11,21 @@ import ray
 
 from model.config import RunConfig, load_run_config
 from model.pipeline import Generation, Request
-from parallel.group import GroupLayout, RankFailure
+from parallel.group import GroupLayout, RankFailure, first_line
 
-from .causal_runner import InvalidSessionState, SessionExists, SessionNotFound, SessionsNotSupported
-from .worker import CAUSVID, SPWorker
+from .causal_runner import (
+    InvalidSessionState,
+    SessionExists,
+    SessionNotFound,
+    SessionsNotSupported,
+)
+from .rank import has_sessions, session_model_classes
+from .worker import SPWorker
 
 __all__ = ["SPWorker", "SPWorkerGroup", "SessionNotFound", "SessionExists", "SessionsNotSupported",
-           "InvalidSessionState", "CAUSVID"]
+           "InvalidSessionState"]
+
+log = logging.getLogger(__name__)
 
 
 class SPWorkerGroup:
@@ -34,6 +43,7 @@ class SPWorkerGroup:
         cfg = config if isinstance(config, RunConfig) else load_run_config(config)
         config = cfg.model_dump(mode="json")
         self.model_cls = cfg.model_cls
+        self.has_sessions = has_sessions(cfg)
         self.layout = GroupLayout.from_parallel(cfg.parallel)
         n = self.layout.world_size
         self.world_size = n
@@ -102,6 +112,12 @@ class SPWorkerGroup:
                 self.unhealthy = f"rank(s) {dead} died"
                 detail = "" if kind != "error" else f" (rank 0: {value})"
                 raise RankFailure(dead, f"rank(s) {dead} of the worker group died during the job{detail}")
+            failed = {r: v for r, (k, v) in outcomes.items() if k == "error"}
+            if kind == "ok" and failed:  # the ranks disagree: their shares of the state no longer match
+                self.unhealthy = f"rank(s) {sorted(failed)} failed where rank 0 did not"
+                why = "; ".join(f"rank {r}: {type(v).__name__}: {first_line(v)}" for r, v in sorted(failed.items()))
+                log.error("%s %s: %s", method, self.unhealthy, why)
+                raise RankFailure(sorted(failed), f"{method}: {self.unhealthy} ({why})")
             if kind == "ok":
                 return value
             if isinstance(value, RankFailure) or any(isinstance(v, RankFailure) for _, v in outcomes.values()):
@@ -142,9 +158,10 @@ class SPWorkerGroup:
 
     # ---- CausVid sessions ----
     def _require_sessions(self) -> None:
-        if self.model_cls != CAUSVID:
-            raise SessionsNotSupported(f"sessions need a CausVid model (model_cls {CAUSVID!r}); this worker group "
-                                       f"runs {self.model_cls!r}, which generates whole videos only (use run)")
+        if not self.has_sessions:
+            raise SessionsNotSupported(f"sessions need a CausVid model (model_cls {session_model_classes()}); this "
+                                       f"worker group runs {self.model_cls!r}, which generates whole videos only "
+                                       "(use run)")
 
     def open_session(self, session_id: str, prompt: str, seed: int | None = None, height: int | None = None,
                      width: int | None = None, timeout: float | None = 60.0) -> dict:
@@ -254,8 +271,8 @@ class SPWorkerGroup:
         for rank, ref in enumerate(refs):
             try:
                 ranks.append(ray.get(ref, timeout=timeout))
-            except Exception as e:  # dead actor, or no answer in time
-                ranks.append({"rank": rank, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            except ray.exceptions.RayError as e:  # dead actor, no answer in time, or health() itself failed
+                ranks.append({"rank": rank, "error": f"{type(e).__name__}: {first_line(e)}"})
         bad = [r["rank"] for r in ranks if "error" in r or r.get("broken")]
         if bad and not self.unhealthy:
             self.unhealthy = f"rank(s) {bad} dead or broken"
@@ -265,17 +282,20 @@ class SPWorkerGroup:
         """Leave the group on every live rank, then end the actors."""
         refs = [a.shutdown.remote() for a in self.actors]
         deadline = time.monotonic() + timeout
-        for ref in refs:
+        for rank, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                pass
+            except ray.exceptions.RayError as e:  # dead already, too slow, or its group.close() raised
+                # safe to go on: _kill ends the actor (and its process group) whatever state it is in
+                log.warning("rank %d did not leave its group cleanly (%s: %s); killing it", rank, type(e).__name__,
+                            first_line(e))
         self._kill()
 
     def _kill(self) -> None:
-        for a in self.actors:
+        for rank, a in enumerate(self.actors):
             try:
                 ray.kill(a)
-            except Exception:
-                pass
+            except ray.exceptions.RayError as e:  # Ray is gone (shut down), or the handle is from another session
+                # safe to go on: an actor Ray no longer knows is not running; the others are still killed
+                log.warning("could not kill rank %d's actor (%s: %s)", rank, type(e).__name__, first_line(e))
         self.actors = []

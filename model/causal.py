@@ -1,59 +1,12 @@
 """CausVid: the Wan2.1 DiT run block-causally over a per-layer K/V cache, so a video can keep growing.
 
-Why a module of its own: a CausVid-distilled Wan (LightX2V `wan2.1_causvid`, CausVid, Self-Forcing) has
-exactly the parameters of the base DiT (`WanModel`) but runs it differently. The video is generated in
-blocks of `num_frame_per_block` latent frames; a block is denoised in a few steps while it attends to the
-K/V of every earlier frame, kept in a cache, never recomputed. This module is that model side: the cache,
-the block forward, and the full-sequence forward under the block-causal mask that it must equal. The
-loop over blocks, fragments and sessions is `model/causal_pipeline.py`.
-
-Semantics, and the upstream code they come from (CausVid `causvid/models/wan/causal_inference.py`,
-Self-Forcing `wan/modules/causal_model.py`, LightX2V `networks/wan/infer/causvid/transformer_infer.py`):
-
-* Self-attention cache: per layer, keys *after* RoPE and raw values of every cached latent frame
-  (Self-Forcing and LightX2V store post-RoPE k: a cached key keeps the absolute position it was
-  computed at, whatever slot it lives in). A block forward first writes its own K/V into its slots,
-  then its queries attend to everything the cache holds, itself included: bidirectional inside the
-  block, causal across blocks. No mask is needed on this path.
-* Denoising step k of a block writes the same slots as step k-1 (overwrite, not append). After the last
-  step, the clean x0 is run once more at t = 0 and *those* K/V stay for later blocks (CausVid "rerun with
-  timestep zero to update the cache"; Self-Forcing `context_noise = 0`). LightX2V skips this pass and
-  leaves the last step's noisy K/V; we follow CausVid/Self-Forcing, whose checkpoints were trained so.
-* RoPE: a block's temporal rotation uses its *absolute* latent-frame index (`rope_freqs(.., frame_offset)`),
-  not its slot. Wan's tables cover `ROPE_MAX_POSITIONS` = 1024 positions: a cache that keeps counting
-  positions (`fragment_continuation = "cache"`) must stop before frame 1024 (~4093 video frames, 256 s at
-  16 fps) — the pipeline refuses a fragment that would cross it instead of failing in the middle
-  (Self-Forcing crashes there; Causal-Forcing's 3000-frame report).
-* Timesteps are per frame ([B, F]): a block forward gives every frame of the block the same t; the
-  full-sequence forward mixes clean context (t = 0) and noisy blocks in one call (`WanModel.time_embed`).
-* Cross-attention K/V depend only on the prompt: computed once per prompt (`CausalDiT.context_kv`) and
-  reused by every block and step; a new prompt replaces them and nothing else.
-* Bounded memory (Self-Forcing `local_attn_size` / `sink_size`): with `window` set the cache holds at most
-  `window` latent frames — the first `sink` frames for ever ("attention sink") and the most recent
-  `window - sink` frames, the block being written included. Older frames are evicted as a block advances,
-  so a block attends to the same number of keys and the cache has the same size from the moment the
-  window is full. Without a window every frame of the session is kept (LightX2V's infer class grows its
-  buffer the same way). Self-Forcing shifts the rolled region left on eviction; we use a ring over the
-  non-sink slots instead (frame f lives in slot sink + (f - sink) mod (window - sink)). The set of cached
-  frames is the same and attention does not depend on key order, so only float summation order differs.
-* The full-sequence forward (`CausalDiT.forward_full`; training, and the reference this cache must equal)
-  applies the same visibility as a mask: a query in the block ending at frame e sees key frame j iff
-  j < e and, with a window, j < sink or j >= e - (window - sink) (Self-Forcing
-  `_prepare_blockwise_causal_attn_mask`, plus the sink the rolling cache keeps).
-
-Sequence-parallel seam: a block forward shards its tokens with the DiT's `TokenLayout` exactly as the
-bidirectional forward does (pad to a multiple of the SP size, a contiguous chunk per rank; RoPE rotations
-computed for the whole block at its absolute frame offset, then sharded the same way; the head's output
-gathered). Every self-attention of a block forward goes through one function, `CausalDiT.attend(q, k, v,
-layer)` (default `cache_attention`), and every cache comes from `CausalDiT.cache_factory`. A
-sequence-parallel layout replaces the two together (`CausalDiT.use_attention`; parallel/causal.py) and keeps
-the cache sharded the way it shards K/V: Ulysses swaps tokens for heads (all-to-all) before writing, so each
-rank caches *all tokens of its heads* in a `KVCache` as above; ring attention keeps tokens sharded, so each
-rank caches *its own token chunk* of every block and passes cached K/V around the ring. `LayerKV` takes its
-geometry (batch, tokens per frame, heads, head dim, dtype, device) from the first k it is given, so it
-serves one process and Ulysses alike; `KVCache.layer_cls` lets the ring cache bring its own layer type
-while keeping this class's frame bookkeeping (so eviction and the sink are decided by the same code on
-every rank).
+A CausVid-distilled Wan (LightX2V's CausVid class, CausVid, Self-Forcing) has exactly the parameters of
+the base DiT (`WanModel`) but runs it differently: blocks of `num_frame_per_block` latent frames, each
+denoised in a few steps while it attends to the cached K/V of every earlier frame. This module is that
+model side: the cache (optionally windowed, with an attention sink), the block forward, and the
+full-sequence forward under the block-causal mask it must equal. The loop over blocks, fragments and
+sessions is model/causal_pipeline.py; the semantics, their upstream sources and the sequence-parallel seam
+(`CausalDiT.attend` / `cache_factory`, parallel/causal.py): ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -244,7 +197,7 @@ class KVCache:
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV) -> torch.Tensor:
     """The block's self-attention over the cache: write the block's k/v into `layer`, attend q over all of it.
 
-    q, k: post-RoPE, v raw, [B, block tokens, H, D]. The sequence-parallel seam (module docstring): a
+    q, k: post-RoPE, v raw, [B, block tokens, H, D]. The sequence-parallel seam (ARCHITECTURE.md): a
     parallel layout swaps this function for one that shards the cache as it shards K/V.
     """
     layer.write(k, v)

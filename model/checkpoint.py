@@ -92,6 +92,31 @@ def load_state_dict(path: str | Path) -> StateDict:
     raise CheckpointError(f"unknown weight file type: {path} (expected .safetensors, .index.json, .pt or .pth)")
 
 
+def read_weights(path: str | Path) -> StateDict:
+    """A weight file (as load_state_dict) or a folder of shards: its one *.safetensors.index.json, else every
+    *.safetensors in it (LightX2V's converter writes block_N.safetensors / *_partN.safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_state_dict(path)
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return load_state_dict(indexes[0])
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path} holds several safetensors indexes ({[p.name for p in indexes]}); "
+                              f"pass the one to load")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no quantized weights in {path}: expected *.safetensors (LightX2V converter output)")
+    sd: StateDict = {}
+    for f in files:
+        part = load_state_dict(f)
+        dup = sorted(part.keys() & sd.keys())
+        if dup:
+            raise CheckpointError(f"{f} repeats keys of another shard in {path}, e.g. {dup[:3]}")
+        sd.update(part)
+    return sd
+
+
 def find_weights(folder: Path, stems: Iterable[str]) -> Path:
     """The first existing weight file in folder among stem.{index.json, safetensors, pt, pth}.
 

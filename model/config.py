@@ -1,290 +1,26 @@
-"""Configuration models: Wan2.1 architectures and LightX2V-compatible runtime keys.
+"""LightX2V-compatible runtime configuration: the config_json keys wanserve acts on.
 
 Users bring LightX2V `config_json` files and official/diffusers model folders, so both are read as they
 are. Unknown LightX2V keys (attention kernels, offload settings, ...) are kept and reported, never fatal.
-A bad value fails with the key, the value and the rule it broke.
+A bad value fails with the key, the value and the rule it broke; a key wanserve would not act on in the
+given combination is refused, never silently ignored. Architectures are model/archs.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import registry
+from .archs import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, DiTArch, latent_frames
+from .validation import ConfigError, validated
 
 log = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
-VAE_TIME_STRIDE = 4  # causal VAE: T pixel frames -> 1 + (T-1)/4 latent frames
-VAE_SPACE_STRIDE = 8
-
-
-class ConfigError(ValueError):
-    """A configuration value broke a rule; the message names key, value and rule."""
-
-
-def _format_validation_error(err: ValidationError, where: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<config>"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if not e["loc"]:  # a rule across keys: its message names them
-            lines.append(msg)
-        elif "input" in e and e["type"] != "missing":
-            lines.append(f"{key} = {e['input']!r}: {msg}")
-        else:
-            lines.append(f"{key}: {msg}")
-    return f"invalid {where}:\n  " + "\n  ".join(lines)
-
-
-def validated(cls, data: dict, where: str):
-    """cls.model_validate(data) with a ConfigError that lists every bad key."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, where)) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Architectures
-# --------------------------------------------------------------------------------------------------
-class DiTArch(BaseModel):
-    """WanModel constructor arguments (official names). Defaults are upstream's constructor defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model_type: Literal["t2v", "i2v"] = "t2v"
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    text_len: int = Field(512, gt=0)
-    in_dim: int = Field(16, gt=0)
-    dim: int = Field(2048, gt=0)
-    ffn_dim: int = Field(8192, gt=0)
-    freq_dim: int = Field(256, gt=0)
-    text_dim: int = Field(4096, gt=0)
-    out_dim: int = Field(16, gt=0)
-    num_heads: int = Field(16, gt=0)
-    num_layers: int = Field(32, gt=0)
-    window_size: tuple[int, int] = (-1, -1)
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
-    eps: float = 1e-6
-    img_dim: int = Field(1280, gt=0)  # CLIP width; upstream hard-codes 1280
-
-    @field_validator("freq_dim")
-    @classmethod
-    def _even_freq(cls, v):
-        if v % 2:
-            raise ValueError("must be even (sin/cos halves)")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
-        d = self.dim // self.num_heads
-        c = d // 2
-        if d % 2 or c // 3 == 0:
-            raise ValueError(f"head_dim={d} must be even and >= 6 so RoPE splits into time/height/width parts")
-        if self.model_type == "i2v" and self.in_dim != 2 * self.out_dim + VAE_TIME_STRIDE:
-            raise ValueError(
-                f"i2v needs in_dim = 2*out_dim + {VAE_TIME_STRIDE} (noise + mask + image latent); "
-                f"got in_dim={self.in_dim}, out_dim={self.out_dim}")
-        if self.model_type == "t2v" and self.in_dim != self.out_dim:
-            raise ValueError(f"t2v needs in_dim == out_dim; got {self.in_dim} and {self.out_dim}")
-        if self.model_type == "i2v" and self.text_len != 512:
-            # the I2V context is [257 image tokens | text_len text tokens]; upstream splits at 512.
-            raise ValueError(f"i2v needs text_len=512 (upstream splits image/text context at 512); got {self.text_len}")
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def is_i2v(self) -> bool:
-        return self.model_type == "i2v"
-
-    def num_tokens(self, latent_frames: int, latent_h: int, latent_w: int) -> int:
-        pt, ph, pw = self.patch_size
-        return (latent_frames // pt) * (latent_h // ph) * (latent_w // pw)
-
-    @classmethod
-    def from_config_json(cls, cfg: dict[str, Any]) -> "DiTArch":
-        """Read an official (`_class_name: WanModel`) or diffusers (`WanTransformer3DModel`) config.json."""
-        if cfg.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in cfg:
-            heads = cfg["num_attention_heads"]
-            image = cfg.get("image_dim")
-            d = dict(
-                model_type="i2v" if image else "t2v",
-                patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-                in_dim=cfg.get("in_channels", 16),
-                out_dim=cfg.get("out_channels", 16),
-                dim=heads * cfg["attention_head_dim"],
-                ffn_dim=cfg["ffn_dim"],
-                freq_dim=cfg.get("freq_dim", 256),
-                text_dim=cfg.get("text_dim", 4096),
-                num_heads=heads,
-                num_layers=cfg["num_layers"],
-                cross_attn_norm=cfg.get("cross_attn_norm", True),
-                qk_norm=cfg.get("qk_norm", "rms_norm_across_heads") is not None,
-                eps=cfg.get("eps", 1e-6),
-            )
-            if image:
-                d["img_dim"] = image
-            if "text_len" in cfg:
-                d["text_len"] = cfg["text_len"]
-        else:
-            keys = set(cls.model_fields)
-            d = {k: v for k, v in cfg.items() if k in keys}
-            for k in ("patch_size", "window_size"):
-                if k in d:
-                    d[k] = tuple(d[k])
-        return validated(cls, d, "DiT config.json")
-
-    def to_config_json(self) -> dict[str, Any]:
-        """The official config.json (plus the extension keys a tiny model needs)."""
-        out = {"_class_name": "WanModel", **self.model_dump()}
-        out["patch_size"] = list(self.patch_size)
-        out["window_size"] = list(self.window_size)
-        return out
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        out = {
-            "_class_name": "WanTransformer3DModel",
-            "patch_size": list(self.patch_size),
-            "num_attention_heads": self.num_heads,
-            "attention_head_dim": self.head_dim,
-            "in_channels": self.in_dim,
-            "out_channels": self.out_dim,
-            "text_dim": self.text_dim,
-            "freq_dim": self.freq_dim,
-            "ffn_dim": self.ffn_dim,
-            "num_layers": self.num_layers,
-            "cross_attn_norm": self.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
-            "eps": self.eps,
-            "image_dim": self.img_dim if self.is_i2v else None,
-            "added_kv_proj_dim": self.dim if self.is_i2v else None,
-            "rope_max_seq_len": 1024,
-        }
-        if self.text_len != 512:  # only tiny models; diffusers itself always pads text to 512
-            out["text_len"] = self.text_len
-        return out
-
-
-WAN21_T2V_1_3B = DiTArch(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
-WAN21_T2V_14B = DiTArch(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-WAN21_I2V_14B = DiTArch(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-TINY_T2V = DiTArch(model_type="t2v", in_dim=4, out_dim=4, dim=48, ffn_dim=96, freq_dim=32, text_dim=32,
-                   text_len=16, num_heads=2, num_layers=2)
-TINY_I2V = DiTArch(model_type="i2v", in_dim=12, out_dim=4, dim=48, ffn_dim=96, freq_dim=32, text_dim=32,
-                   text_len=512, num_heads=2, num_layers=2, img_dim=32)
-
-ARCH_PRESETS: dict[str, DiTArch] = {
-    "t2v-1.3B": WAN21_T2V_1_3B,
-    "t2v-14B": WAN21_T2V_14B,
-    "i2v-14B": WAN21_I2V_14B,
-    "tiny-t2v": TINY_T2V,
-    "tiny-i2v": TINY_I2V,
-}
-
-
-class T5Arch(BaseModel):
-    """umT5 encoder (Wan's `umt5_xxl(encoder_only=True)`); defaults are the XXL release."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    vocab_size: int = Field(256384, gt=0)
-    dim: int = Field(4096, gt=0)
-    dim_attn: int = Field(4096, gt=0)
-    ffn_dim: int = Field(10240, gt=0)
-    num_heads: int = Field(64, gt=0)
-    num_layers: int = Field(24, gt=0)
-    num_buckets: int = Field(32, gt=0)
-    max_distance: int = Field(128, gt=0)
-    eps: float = 1e-6
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.dim_attn % self.num_heads:
-            raise ValueError(f"dim_attn={self.dim_attn} must be divisible by num_heads={self.num_heads}")
-        return self
-
-
-class ClipArch(BaseModel):
-    """The visual tower of open-clip xlm-roberta-large-vit-huge-14 as Wan uses it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    image_size: int = Field(224, gt=0)
-    patch_size: int = Field(14, gt=0)
-    width: int = Field(1280, gt=0)
-    num_layers: int = Field(32, gt=0)
-    num_heads: int = Field(16, gt=0)
-    mlp_ratio: float = 4.0
-    eps: float = 1e-5
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.width % self.num_heads:
-            raise ValueError(f"width={self.width} must be divisible by num_heads={self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        if self.num_layers < 2:
-            raise ValueError("num_layers must be >= 2 (Wan uses the output of the second-to-last block)")
-        return self
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-WAN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-WAN_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
-
-class VaeArch(BaseModel):
-    """Wan2.1 causal 3-D VAE (`WanVAE_`); defaults are Wan2.1_VAE.pth."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    base_dim: int = Field(96, gt=0)
-    z_dim: int = Field(16, gt=0)
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = Field(2, gt=0)
-    attn_scales: tuple[float, ...] = ()
-    temporal_downsample: tuple[bool, ...] = (False, True, True)
-    latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
-    latents_std: tuple[float, ...] = WAN_LATENTS_STD
-
-    @model_validator(mode="after")
-    def _check(self):
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/latents_std need z_dim={self.z_dim} values each")
-        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError("temporal_downsample needs len(dim_mult)-1 entries")
-        if any(s <= 0 for s in self.latents_std):
-            raise ValueError("latents_std must be positive")
-        return self
-
-
-class ComponentArchs(BaseModel):
-    """Optional `<model_path>/wanserve.json`: architectures of non-standard (tiny) official-layout models.
-
-    Real Wan2.1 folders need no such file: the defaults are the released T5/CLIP/VAE.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    t5: T5Arch = T5Arch()
-    clip: ClipArch = ClipArch()
-    vae: VaeArch = VaeArch()
-    tokenizer_dir: str = "google/umt5-xxl"
-
 
 # --------------------------------------------------------------------------------------------------
 # LightX2V runtime configuration
@@ -329,7 +65,6 @@ class ParallelConfig(BaseModel):
         return self.seq_p_size * self.cfg_p_size
 
 
-MODEL_CLASSES = ("wan2.1", "wan2.1_distill", "wan2.1_causvid")
 TASKS = ("t2v", "i2v")
 QUANT_SCHEMES = ("int8", "fp8")  # matched by prefix: int8-vllm, fp8-sgl, ...
 
@@ -350,7 +85,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    model_cls: Literal["wan2.1", "wan2.1_distill", "wan2.1_causvid"] = "wan2.1"
+    model_cls: registry.ModelClsName = registry.BASE.name
     task: Literal["t2v", "i2v"] = "t2v"
     infer_steps: int = Field(50, gt=0, le=1000)
     target_video_length: int = Field(81, gt=0)
@@ -362,16 +97,18 @@ class RunConfig(BaseModel):
     enable_cfg: bool = True
     denoising_step_list: list[int] | None = None
     # wanserve: how a distill step re-noises: LightX2V's deterministic Euler jump or Self-Forcing's fresh noise.
-    # None: the model class's own (wan2.1_distill: deterministic, as LightX2V; wan2.1_causvid: fresh_noise, as
-    # CausVid and Self-Forcing), see schedulers.make_sampler.
+    # None: the model class's own (model/registry.py: the distill student deterministic, as LightX2V; CausVid
+    # fresh_noise, as CausVid and Self-Forcing), see schedulers.make_sampler.
     renoise: Literal["deterministic", "fresh_noise"] | None = None
     # Self-Forcing/CausVid key: map denoising_step_list through the shifted grid (t -> 1000*shift(t/1000)).
-    # None: the model class's own (wan2.1_distill: true, as LightX2V; wan2.1_causvid: false, as CausVid's
+    # None: the model class's own (the distill student: true, as LightX2V; CausVid: false, as CausVid's
     # released configs and LightX2V's CausVid runner, whose list is already in model-timestep space).
     warp_denoising_step: bool | None = None
     sample_neg_prompt: str = ""
     seed: int = Field(42, ge=0)
     fps: int = Field(16, gt=0, le=120)
+    # wanserve: the longest prompt a request may carry (the Serve app passes its configured limit in here)
+    max_prompt_chars: int = Field(4096, gt=0)
     lora_configs: list[LoraConfig] = Field(default_factory=list)
     dit_original_ckpt: str | None = None
     dit_quantized: bool = False
@@ -429,12 +166,12 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.model_cls in ("wan2.1_distill", "wan2.1_causvid") and self.enable_cfg:
+        mc = self.model_class
+        if not mc.cfg and self.enable_cfg:
             raise ValueError(f"enable_cfg = true: must be false for model_cls={self.model_cls} (the student was "
                              "distilled without CFG; set \"enable_cfg\": false)")
-        if self.dit_quantized and not self.dit_quant_scheme:
-            raise ValueError("dit_quantized = true: needs dit_quant_scheme (int8-* or fp8-*)")
-        if self.model_cls == "wan2.1_causvid":
+        self._check_weights(mc)
+        if mc.sessions:
             if self.num_frames != self.num_frame_per_block * self.num_blocks:
                 raise ValueError(f"num_frames = {self.num_frames}: must equal num_frame_per_block*num_blocks "
                                  f"({self.num_frame_per_block}*{self.num_blocks})")
@@ -455,7 +192,39 @@ class RunConfig(BaseModel):
                                  f"({self.sink_frames} + {self.num_frame_per_block})")
         return self
 
+    def _check_weights(self, mc: registry.ModelClass) -> None:
+        """Weight-file and quantization keys: each is acted on, or refused with the reason (never ignored)."""
+        for part in ("dit", "t5", "clip"):
+            on, scheme = getattr(self, f"{part}_quantized"), getattr(self, f"{part}_quant_scheme")
+            if on and not scheme:
+                raise ValueError(f"{part}_quantized = true: needs {part}_quant_scheme (int8-* or fp8-*)")
+            if scheme and not on:
+                raise ValueError(f"{part}_quant_scheme = {scheme!r}: set {part}_quantized = true to quantize, or drop "
+                                 "the key")
+        if self.clip_quantized and self.task != "i2v":
+            raise ValueError(f"clip_quantized = true: task {self.task!r} loads no CLIP image encoder (i2v only); drop "
+                             "the key")
+        if self.dit_quantized_ckpt and not self.dit_quantized:
+            raise ValueError(f"dit_quantized_ckpt = {self.dit_quantized_ckpt!r}: needs dit_quantized = true and its "
+                             "dit_quant_scheme")
+        if self.dit_quantized_ckpt and self.lora_configs:
+            raise ValueError("lora_configs with dit_quantized_ckpt: merge LoRAs into full-precision weights, then "
+                             "quantize on load (drop dit_quantized_ckpt)")
+        if self.dit_original_ckpt and (mc.student is None or self.lora_configs):
+            why = (f"model_cls={mc.name} loads the base DiT of the model folder" if mc.student is None else
+                   "with lora_configs the base DiT of the model folder is loaded and the LoRAs merged into it")
+            raise ValueError(f"dit_original_ckpt = {self.dit_original_ckpt!r}: not used ({why}); drop the key")
+        for part in ("t5", "clip"):
+            key = f"{part}_quantized_ckpt"
+            if self.extras.get(key) is not None:
+                raise ValueError(f"{key} = {self.extras[key]!r}: pre-quantized {part.upper()} files are not supported; "
+                                 f"drop the key ({part}_quantized quantizes the released weights on load)")
+
     # ---- derived values ----
+    @property
+    def model_class(self) -> registry.ModelClass:
+        return registry.model_class(self.model_cls)
+
     @property
     def extras(self) -> dict[str, Any]:
         return dict(self.__pydantic_extra__ or {})
@@ -484,7 +253,7 @@ class RunConfig(BaseModel):
                           f"multiple of the patch {ph}x{pw}")
         if self.text_len != arch.text_len and arch.is_i2v:
             errors.append(f"text_len = {self.text_len}: must be {arch.text_len} for this model")
-        if self.model_cls == "wan2.1_causvid" and self.frame_seq_length is not None:
+        if self.model_class.sessions and self.frame_seq_length is not None:
             per_frame = (lh // ph) * (lw // pw)
             if self.frame_seq_length != per_frame:
                 errors.append(f"frame_seq_length = {self.frame_seq_length}: must equal tokens per latent frame at "
@@ -523,10 +292,3 @@ def shift_sigma(sigma: float, shift: float) -> float:
     """Flow-matching time shift used by every Wan sampler."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // VAE_TIME_STRIDE + 1
-
-
-def ceil_to(x: int, m: int) -> int:
-    return int(math.ceil(x / m) * m)

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .archs import DiTArch
 from .attention import LOCAL, TokenLayout, attention
-from .config import DiTArch
 
 ROPE_MAX_POSITIONS = 1024
 

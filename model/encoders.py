@@ -1,22 +1,11 @@
 """Conditioning encoders: umT5-XXL for the prompt, the CLIP ViT-H/14 image tower for I2V.
 
-Why transformers models instead of our own modules: both networks are standard (HF `UMT5EncoderModel`,
-`CLIPVisionModel`), run once per request, and never sit in the parallel hot path, so a well-kept library
-implementation beats a hand-written one. What we own is the part upstream Wan does differently:
-
-* key names: Wan ships its own `.pth` files (`models_t5_umt5-xxl-enc-bf16.pth`,
-  `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`) with its own names; `convert_*_official` map them
-  to transformers names (diffusers folders already use those names).
-* T5 input/output conventions (`wan/modules/t5.py`): Wan's text cleaning, truncation at `text_len` with
-  `</s>` kept, attention mask on keys, and the trimmed context re-padded with zeros by the DiT. We return
-  the padded form directly: positions at or after a prompt's length are exactly 0.
-* CLIP (`wan/modules/clip.py`, `use_31_block=True`): Wan takes the output of the second-to-last of 32 blocks,
-  with neither post-norm nor projection. We build the tower one block short, so its `last_hidden_state`
-  (which transformers does not post-norm) is exactly that output. Pixels: [-1, 1] -> bicubic resize to
-  224x224 -> [0, 1] -> CLIP mean/std.
-
-Weights load strictly (model/checkpoint.py): a missing, unexpected or wrongly shaped tensor fails with its
-name, the expected and the found shape.
+Both are standard transformers models (`UMT5EncoderModel`, `CLIPVisionModel`) that run once per request
+outside the parallel hot path, so the library implementation is used; what we own is where Wan differs:
+its key names (`convert_*_official`), its T5 text conventions (cleaning, truncation with `</s>` kept,
+zero-padded context) and its CLIP cut (the output of the second-to-last block). Weights load strictly;
+`t5_quantized` / `clip_quantized` make the block linears weight-only int8/fp8 (model/quant.py).
+Details: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -33,8 +22,9 @@ from tokenizers import Tokenizer
 from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 from transformers.initialization import no_init_weights
 
+from .archs import ClipArch, T5Arch
 from .checkpoint import CheckpointError, ModelFolder, StateDict, convert_keys, load_into, load_state_dict, strip_prefix
-from .config import ClipArch, T5Arch
+from .quant import QuantLinear, quantize_linears
 
 PAD_ID = 0  # umT5 <pad>; padded positions are masked out and zeroed, so only the mask matters
 EOS_TOKEN = "</s>"
@@ -63,6 +53,42 @@ def _hf_config(cls, cfg: dict, where: Path, **overrides):
         return cls.from_dict({**cfg, **overrides})
     except (StrictDataclassError, TypeError, ValueError) as e:  # transformers configs validate on creation
         raise CheckpointError(f"{where}: not a valid {cls.__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight-only int8/fp8 (t5_quantized / clip_quantized): the attention and MLP linears of every block
+# --------------------------------------------------------------------------------------------------
+_T5_QUANT = re.compile(r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.(wi_0|wi_1|wo))")
+_CLIP_QUANT = re.compile(r"encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])")
+
+
+class _UncastLinear(torch.nn.Module):
+    """Holds a QuantLinear where transformers' UMT5 FFN reads `wo.weight`: it casts its input to that dtype
+    unless it is int8, so an fp8 weight would cast the activations to fp8. This holder has no `.weight`; the
+    QuantLinear casts its input to its compute dtype (the dtype the float `wo` had, hence the same cast)."""
+
+    weight = None
+
+    def __init__(self, linear: QuantLinear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def quantize_text_encoder(model: UMT5EncoderModel, scheme: str) -> list[str]:
+    """The umT5 blocks' q/k/v/o and wi_0/wi_1/wo linears as weight-only QuantLinear; returns their names."""
+    names = [n for n, _ in model.named_modules() if _T5_QUANT.fullmatch(n)]
+    quantize_linears(model, names, scheme, wrap=_UncastLinear)
+    return names
+
+
+def quantize_image_encoder(model: CLIPVisionModel, scheme: str) -> list[str]:
+    """The CLIP blocks' q/k/v/out projections and fc1/fc2 as weight-only QuantLinear; returns their names."""
+    names = [n for n, _ in model.named_modules() if _CLIP_QUANT.fullmatch(n)]
+    quantize_linears(model, names, scheme)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,9 +159,11 @@ class TextEncoder:
 
     @classmethod
     def load(cls, folder: ModelFolder, arch: T5Arch = T5Arch(), tokenizer_subdir: str = "google/umt5-xxl",
-             text_len: int = 512, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "TextEncoder":
+             text_len: int = 512, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             quant_scheme: str | None = None) -> "TextEncoder":
         """Official layout: Wan's .pth (converted, `arch` gives the sizes) + `<tokenizer_subdir>/tokenizer.json`.
-        Diffusers layout: `text_encoder/` (config.json + transformers weights) + `tokenizer/tokenizer.json`."""
+        Diffusers layout: `text_encoder/` (config.json + transformers weights) + `tokenizer/tokenizer.json`.
+        quant_scheme (int8-* / fp8-*): the block linears quantized on load (`t5_quantized`)."""
         tok_path = folder.tokenizer_dir(tokenizer_subdir) / "tokenizer.json"
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
@@ -151,6 +179,9 @@ class TextEncoder:
             config, sd = t5_config(arch), convert_t5_official(sd)
         model = _build(UMT5EncoderModel, config, dtype, device)
         load_into(model, sd, "umT5 text encoder (transformers UMT5EncoderModel names)", str(path))
+        del sd
+        if quant_scheme:
+            quantize_text_encoder(model, quant_scheme)
         return cls(model, tokenizer, text_len)
 
     @property
@@ -254,9 +285,10 @@ class ImageEncoder:
 
     @classmethod
     def load(cls, folder: ModelFolder, arch: ClipArch = ClipArch(), dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> "ImageEncoder":
+             device: str | torch.device = "cpu", quant_scheme: str | None = None) -> "ImageEncoder":
         """Official layout: Wan's open-clip .pth (`arch` gives the sizes). Diffusers layout: `image_encoder/`
-        (config.json + a full CLIPVisionModel; its last block is dropped). `arch` supplies mean/std in both."""
+        (config.json + a full CLIPVisionModel; its last block is dropped). `arch` supplies mean/std in both.
+        quant_scheme (int8-* / fp8-*): the block linears quantized on load (`clip_quantized`)."""
         path = folder.image_encoder()
         sd = load_state_dict(path)
         if folder.diffusers:
@@ -272,6 +304,9 @@ class ImageEncoder:
             config, sd = clip_config(arch), convert_clip_official(sd)
         model = _build(CLIPVisionModel, config, dtype, device)
         load_into(model, sd, f"CLIP image encoder ({config.num_hidden_layers} blocks, transformers names)", str(path))
+        del sd
+        if quant_scheme:
+            quantize_image_encoder(model, quant_scheme)
         return cls(model, arch.mean, arch.std)
 
     @property

@@ -1,38 +1,17 @@
 """LoRA files merged into the DiT's weights on load: W += strength * scale * (B @ A).
 
-Why merge instead of running a low-rank branch: a merged linear costs nothing per step, works unchanged
-with sequence parallelism and the CausVid cache, and can be quantized afterwards. The price is that a
-merge cannot be undone in place: to drop or change a LoRA, load the base weights again. We keep no merge
-state beyond the weights themselves.
-
-What a Wan LoRA file looks like (LightX2V's `lightx2v/utils/lora_loader.py` and `tools/extract`, the
-diffusers / PEFT savers, kohya-style trainers such as musubi-tuner and VideoX-Fun):
-
-  * low-rank pairs, per target module X, under one of these suffix pairs (up = B [out, r], down = A [r, in]):
-      X.lora_up.weight / X.lora_down.weight          (kohya, LightX2V "standard")
-      X.lora_B.weight / X.lora_A.weight              (PEFT / diffusers)
-      X_lora.up.weight / X_lora.down.weight, X.lora.up.weight / X.lora.down.weight,
-      X.lora_linear_layer.up.weight / ...down.weight, X.lora_B.default.weight / ..., X.lora_B / X.lora_A
-    with an optional scalar X.alpha: scale = alpha / r (1 when there is no alpha, or alpha is 0, as kohya
-    and LightX2V do). Conv weights take up [out, r, 1, ...] and down [r, in, kt, kh, kw].
-  * full deltas (LightX2V's extractor writes these for biases, norms, modulation and small weights):
-      X.diff -> X.weight,  X.diff_b -> X.bias,  X.diff_m -> X.modulation
-  * X in any naming: official (`blocks.0.self_attn.q`), diffusers (`blocks.0.attn1.to_q`), behind a prefix
-    (`diffusion_model.`, `model.diffusion_model.`, `transformer.`, `base_model.model.`, ...), or kohya's
-    flattened form (`lora_unet_blocks_0_self_attn_q`, VideoX-Fun's `lora_unet__blocks_0_...`). Names are
-    resolved against the model's own keys, so a flattened name maps back to exactly one weight.
-
-Strictness: every key of a file must land on a weight of the model with the right shape, or the merge
-fails with a LoraError naming the file and key. A LoRA silently half-applied (an I2V LoRA on a T2V model,
-a typo'd prefix) gives plausible but wrong videos, which is worse than an error. All files are read and
-checked before the first weight changes, so a failed merge leaves the model as it was.
+Merged rather than run as a low-rank branch: a merged linear costs nothing per step, works unchanged with
+sequence parallelism and the CausVid cache, and can be quantized afterwards (a merge cannot be undone in
+place: load the base weights again). Reads the kohya / PEFT / diffusers / LightX2V layouts under any naming;
+strict: every key lands on a weight of the right shape or the merge fails naming file and key, and all
+files are checked before the first weight changes. The key grammar: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping, MutableMapping, Sequence, Union
 
 import torch
 
@@ -289,26 +268,43 @@ def _read(spec: LoraSpec, index: int, roots: Sequence[str | Path] | None) -> tup
 
 
 @torch.no_grad()
-def merge_loras(model: torch.nn.Module, loras: Sequence[LoraSpec],
-                roots: Sequence[str | Path] | None = None) -> LoraReport:
-    """Merge LoRAs into model's weights in order: W += strength * scale * B @ A, bias += strength * diff_b.
+def merge_lora_weights(weights: MutableMapping[str, torch.Tensor], loras: Sequence[LoraSpec],
+                       roots: Sequence[str | Path] | None = None) -> LoraReport:
+    """Merge LoRAs into a name -> tensor mapping in order: W += strength * scale * B @ A, bias += strength *
+    diff_b. Each changed entry is replaced by a new tensor of its dtype and device.
 
     loras: LoraConfig items, or (state dict | path, strength) pairs. Paths are opened only through
     `resolve_under(path, roots, "LoRA")`. Deltas are computed in float32 on the weight's device and the sum
     cast back to the weight's dtype. All files are read and checked first; nothing changes on error.
     """
-    params = model.state_dict(keep_vars=True)
     parsed = []
     for i, spec in enumerate(loras):
         name, sd, strength = _read(spec, i, roots)
-        deltas = parse_lora(sd, params.keys(), name)
-        check_fits(deltas, params, name)
+        deltas = parse_lora(sd, weights.keys(), name)
+        check_fits(deltas, weights, name)
+        for target in deltas:
+            if not weights[target].is_floating_point() or weights[target].element_size() < 2:
+                raise LoraError(f"LoRA {name}: {target} is {weights[target].dtype} (quantized?): merge LoRAs into "
+                                "float weights, then quantize")
         parsed.append((name, strength, deltas))
 
     merged = []
     for name, strength, deltas in parsed:
         for target, d in deltas.items():
-            p = params[target]
-            p.copy_(p.float() + d.delta(p.device) * strength)
+            w = weights[target]
+            weights[target] = (w.float() + d.delta(w.device) * strength).to(w.dtype)
         merged.append(MergedLora(name, strength, tuple(sorted(deltas))))
     return LoraReport(tuple(merged))
+
+
+@torch.no_grad()
+def merge_loras(model: torch.nn.Module, loras: Sequence[LoraSpec],
+                roots: Sequence[str | Path] | None = None) -> LoraReport:
+    """merge_lora_weights into a module's parameters, in place (see there)."""
+    params = model.state_dict(keep_vars=True)
+    weights = dict(params)
+    report = merge_lora_weights(weights, loras, roots)
+    for k, v in weights.items():
+        if v is not params[k]:
+            params[k].copy_(v)
+    return report

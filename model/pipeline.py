@@ -19,15 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, ModelFolder, find_weights, load_state_dict
-from .config import ComponentArchs, ConfigError, RunConfig, latent_frames, validated
+from .archs import ComponentArchs, latent_frames
+from .checkpoint import CheckpointError, ModelFolder
+from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import ImageEncoder, TextEncoder
-from .loader import build_dit, default_dtype, read_dit_arch
-from .lora import merge_loras
-from .quant import load_quantized_dit, quantize_dit
+from .loader import default_dtype, load_pipeline_dit, read_dit_arch
 from .schedulers import make_sampler
 from .vae import WanVAE
+from .validation import validated
 from .video import write_mp4
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,21 @@ log = logging.getLogger(__name__)
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
                        "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
                        "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
-MAX_PROMPT_CHARS = 4096
 
 
 class RequestError(ValueError):
     """The request cannot be generated as asked (bad prompt, size, frames, missing image...)."""
+
+
+def check_prompt(prompt: object, limit: int, param: str = "prompt") -> str:
+    """The prompt itself, or a RequestError: it must be a non-blank string of at most `limit` characters."""
+    if not isinstance(prompt, str):
+        raise RequestError(f"{param} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise RequestError(f"{param} must not be empty")
+    if len(prompt) > limit:
+        raise RequestError(f"{param} is {len(prompt)} characters; at most {limit}")
+    return prompt
 
 
 class Cancelled(Exception):
@@ -191,10 +201,7 @@ class WanPipeline:
     def check(self, req: Request) -> Request:
         """Fill defaults from the config and reject what cannot be generated, with a message that says why."""
         cfg = self.cfg
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
-            raise RequestError("prompt must not be empty")
-        if len(req.prompt) > MAX_PROMPT_CHARS:
-            raise RequestError(f"prompt is {len(req.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        check_prompt(req.prompt, cfg.max_prompt_chars)
         over = {k: v for k, v in dict(target_video_length=req.frames, target_height=req.height,
                                       target_width=req.width, seed=req.seed).items() if v is not None}
         try:
@@ -307,7 +314,7 @@ class WanPipeline:
 
 
 # -------------------------------------------------------------------------------------------------
-# Model folder resolution (LightX2V conventions)
+# Loading (the DiT's steps: model/loader.py)
 # -------------------------------------------------------------------------------------------------
 def check_task(cfg: RunConfig, arch) -> None:
     cfg.check_arch(arch)
@@ -315,8 +322,8 @@ def check_task(cfg: RunConfig, arch) -> None:
         raise ConfigError("task = 'i2v': this model folder holds a T2V DiT (config.json model_type t2v)")
     if cfg.task == "t2v" and arch.is_i2v:
         raise ConfigError("task = 't2v': this model folder holds an I2V DiT; use task i2v")
-    if cfg.model_cls == "wan2.1_causvid":
-        raise ConfigError("model_cls = 'wan2.1_causvid' generates block by block: use the CausVid pipeline")
+    if cfg.model_class.sessions:
+        raise ConfigError(f"model_cls = {cfg.model_cls!r} generates block by block: use the CausVid pipeline")
 
 
 def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, device: str | torch.device = "cpu",
@@ -333,9 +340,11 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
     if denoise_only:
         return dit, None, None, None
     text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
-                            device=device)
+                            device=device, quant_scheme=cfg.t5_quant_scheme if cfg.t5_quantized else None)
     vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
-    image = ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device) if cfg.task == "i2v" else None
+    image = (ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device,
+                               quant_scheme=cfg.clip_quant_scheme if cfg.clip_quantized else None)
+             if cfg.task == "i2v" else None)
     return dit, text, vae, image
 
 
@@ -349,46 +358,3 @@ def component_archs(folder: ModelFolder) -> ComponentArchs:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p} is not valid JSON: {e}") from None
     return validated(ComponentArchs, data, str(p))
-
-
-def _resolve_file(value: str, folder: ModelFolder) -> Path:
-    p = Path(value)
-    for cand in (p, folder.root / p):
-        if cand.is_file():
-            return cand
-    raise CheckpointError(f"weight file not found: looked for {p} and {folder.root / p}")
-
-
-def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, device: torch.device,
-                      lora_roots: list[str | Path] | None = None) -> WanModel:
-    """The DiT the config asks for, as LightX2V resolves it:
-
-    - pre-quantized (`dit_quantized_ckpt`): that file, int8/fp8;
-    - wan2.1_distill without LoRAs: `dit_original_ckpt`, else `<model>/distill_models/distill_model.*`;
-    - wan2.1_causvid without LoRAs: `dit_original_ckpt`, else `<model>/causvid_models/causal_model.*`;
-    - otherwise (base, or any non-empty lora_configs): the base Wan2.1 DiT, then every LoRA merged in order;
-    - `dit_quantized` without a pre-quantized file: quantized on load (after the LoRA merge).
-    """
-    arch = read_dit_arch(folder)
-    if cfg.dit_quantized and cfg.dit_quantized_ckpt:
-        if cfg.lora_configs:
-            raise ConfigError("lora_configs with dit_quantized_ckpt: merge LoRAs into full-precision weights, "
-                              "then quantize on load (drop dit_quantized_ckpt)")
-        path = _resolve_file(cfg.dit_quantized_ckpt, folder)
-        return load_quantized_dit(path, arch, cfg.dit_quant_scheme, dtype, device)
-    students = {"wan2.1_distill": ("distill_models", "distill_model"),
-                "wan2.1_causvid": ("causvid_models", "causal_model")}
-    if cfg.model_cls in students and not cfg.lora_configs:
-        sub, stem = students[cfg.model_cls]
-        path = (_resolve_file(cfg.dit_original_ckpt, folder) if cfg.dit_original_ckpt
-                else find_weights(folder.root / sub, [stem]))
-    else:
-        path = folder.dit_weights()
-    log.info("loading DiT weights from %s", path)
-    dit = build_dit(arch, load_state_dict(path), dtype, device, source=str(path))
-    if cfg.lora_configs:
-        roots = lora_roots if lora_roots is not None else [folder.root]
-        log.info("%s", merge_loras(dit, cfg.lora_configs, roots=roots))
-    if cfg.dit_quantized:
-        quantize_dit(dit, cfg.dit_quant_scheme)
-    return dit

@@ -1,58 +1,21 @@
-"""Weight-only int8 / fp8 linears for the DiT, and LightX2V's pre-quantized Wan files.
+"""Weight-only int8 / fp8 linears (DiT, umT5, CLIP) and LightX2V's pre-quantized Wan DiT files.
 
-Why: Wan 14B holds 14e9 weights, 28.6 GB in bf16. Users run it as LightX2V does, with the transformer
-blocks' linears stored in 8 bits (`dit_quantized`, `dit_quant_scheme` = "int8-vllm", "fp8-sgl", ...,
-`dit_quantized_ckpt`), which halves the DiT (14.5 GB) and lets it fit next to T5, CLIP and the VAE.
-
-The format (LightX2V `tools/convert/converter.py --quantized --linear_type int8|fp8 --model_type wan_dit`,
-read back by `lightx2v/common/ops/mm/mm_weight.py`, MMWeightQuantTemplate):
-
-  * official Wan key names. For each quantized linear X:
-      X.weight        int8 or float8_e4m3fn, [out, in] (as nn.Linear; LightX2V transposes after loading)
-      X.weight_scale  one scale per output channel, [out, 1]; fp32 when the source was fp32 (their converter
-                      keeps the source dtype and their loader casts it to fp32, so we accept any float dtype)
-      X.bias          float, unquantized
-  * symmetric per-output-channel: scale = max(absmax(row), 1e-5) / qmax, with qmax = 127 for int8
-    (q = clamp(round(w / scale), -127, 127)) and 448 (the largest float8_e4m3fn) for fp8
-    (q = fp8(clamp(w / scale, -448, 448)), round to nearest: they round with qtorch, we with torch's cast).
-    The 1e-5 floor is theirs (no 0/0 on zero rows).
-  * which linears: every 2-D tensor under `blocks.N.self_attn`, `blocks.N.cross_attn` and `blocks.N.ffn`
-    (their converter's `target_keys` for wan_dit), i.e. the attention q/k/v/o of self- and cross-attention,
-    the I2V image k_img/v_img, and both FFN linears. Their runtime builds exactly these with the
-    `dit_quant_scheme` kernel and everything else with "Default": the patch embedding, the text/time
-    embeddings, the time projection, the I2V CLIP projection (img_emb) and the head stay in bf16/fp32.
-    Those are under 2% of the 14B weights but sit where errors are not averaged over 40 blocks (the
-    modulation of every block comes from time_projection; the head writes the output).
-  * everything else (norms, modulation, biases, embeddings) is float: fp32 or bf16 (`--non_linear_dtype`).
-    Files come as one .safetensors or as a folder of shards (`diffusion_pytorch_model.safetensors.index.json`
-    + `block_N.safetensors` / `*_partN.safetensors`).
-  * not supported, refused with the reason: per-tensor (`fp8-pertensor`) and 128x128 block scales
-    (`fp8-b128-*`), int4/nvfp4/mx formats, GGUF, ComfyUI's `scale_weight` layout.
-
-Numerics: weight-only. A QuantLinear dequantizes (q * scale) and multiplies in its compute dtype (bf16 on
-GPU, fp32 on CPU), so the only error is the weight rounding (int8: at most scale/2 per element; fp8: 3
-mantissa bits). LightX2V's kernels also quantize the activations per token (W8A8: cutlass/sgl/q8 kernels);
-we do not, which is more accurate than LightX2V at the cost of their int8/fp8 tensor-core GEMM.
-
-On CUDA there is no torch kernel that is both weight-only and faster than cuBLAS on the dequantized weight:
-`torch._weight_int8pack_mm` has a CUDA kernel but it is a naive one-thread-per-output loop in fp32 (far
-slower than a bf16 GEMM at DiT sizes), and `torch._scaled_mm` needs fp8 activations (W8A8). So CUDA also
-dequantizes, in the compute dtype (int8/fp8 -> bf16 is exact, then one multiply by the bf16 scale), which
-moves 7 bytes per weight instead of the ~19 of an fp32 dequantization. CPU dequantizes in fp32 and rounds
-once: exactly the per-row formula above.
+Wan 14B is 28.6 GB in bf16; LightX2V users run it with the transformer blocks' linears in 8 bits
+(`dit_quantized`, `dit_quant_scheme` = "int8-vllm", "fp8-sgl", ..., `dit_quantized_ckpt`), which halves the
+DiT and lets it fit next to T5, CLIP and the VAE. Symmetric per-output-channel scales, LightX2V's layout
+and layer choice; weight-only (a QuantLinear dequantizes and multiplies in its compute dtype), so the only
+error is the weight rounding. The file format, the numerics and why CUDA dequantizes too: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import (DIT_PREFIXES, CheckpointError, check_state_dict, is_diffusers_dit, load_state_dict,
-                         strip_prefix, to_official_dit)
-from .config import QUANT_SCHEMES, DiTArch
+from .checkpoint import CheckpointError
+from .config import QUANT_SCHEMES
 from .dit import WanModel
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +105,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
-        if x.is_cuda:  # dequantize in the compute dtype: fewer bytes moved (module docstring)
+        if x.is_cuda:  # dequantize in the compute dtype: fewer bytes moved (ARCHITECTURE.md)
             w = self.weight.to(dtype) * self.weight_scale.to(dtype)
         else:
             w = self.dequantize(dtype)
@@ -182,10 +145,14 @@ def quantized_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear)) and is_quantized_name(n)]
 
 
-def quantize_dit(model: WanModel, scheme: str) -> WanModel:
-    """Replace the blocks' attention and FFN linears by QuantLinear, in place; returns the model."""
+def quantize_linears(model: nn.Module, names: Iterable[str], scheme: str,
+                     wrap: Callable[[QuantLinear], nn.Module] | None = None) -> nn.Module:
+    """Replace the named linears of model by QuantLinear (weight-only, per output row), in place.
+
+    wrap(q): what to put in the linear's place instead of q itself (a holder for library code that reads the
+    linear's `.weight`, see model/encoders.py). Already-quantized layers of the same scheme are kept."""
     scheme = normalize_scheme(scheme)
-    for name in quantized_names(model):
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
@@ -193,8 +160,16 @@ def quantize_dit(model: WanModel, scheme: str) -> WanModel:
             if old.scheme != scheme:
                 raise ValueError(f"{name} is already quantized as {old.scheme}; cannot re-quantize to {scheme}")
             continue
-        setattr(parent, child, QuantLinear.from_linear(old, scheme))
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is a {type(old).__name__}, not a linear layer")
+        q = QuantLinear.from_linear(old, scheme)
+        setattr(parent, child, wrap(q) if wrap else q)
     return model
+
+
+def quantize_dit(model: WanModel, scheme: str) -> WanModel:
+    """Replace the blocks' attention and FFN linears by QuantLinear, in place; returns the model."""
+    return quantize_linears(model, quantized_names(model), scheme)
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,39 +188,35 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading pre-quantized files
+# State dicts (the loader's quantization step) and pre-quantized files
 # --------------------------------------------------------------------------------------------------
-def read_quantized_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A file (.safetensors, .index.json, .pt) or a folder: its *.safetensors.index.json, else every *.safetensors."""
-    path = Path(path)
-    if not path.is_dir():
-        return load_state_dict(path)
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return load_state_dict(indexes[0])
-    if len(indexes) > 1:
-        raise CheckpointError(f"{path} holds several safetensors indexes ({[p.name for p in indexes]}); "
-                              f"pass the one to load")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no quantized weights in {path}: expected *.safetensors (LightX2V converter output)")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = load_state_dict(f)
-        dup = sorted(part.keys() & sd.keys())
-        if dup:
-            raise CheckpointError(f"{f} repeats keys of another shard in {path}, e.g. {dup[:3]}")
-        sd.update(part)
-    return sd
+def quantize_state_dict(sd: dict[str, torch.Tensor], scheme: str) -> dict[str, torch.Tensor]:
+    """sd with every block linear weight (LightX2V's rule: 2-D `blocks.N.{self_attn,cross_attn,ffn}.X.weight`)
+    replaced by its 8-bit codes plus `X.weight_scale`, as quantize_dit does to a module; everything else kept."""
+    scheme = normalize_scheme(scheme)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        name, _, param = k.rpartition(".")
+        if param == "weight" and v.dim() == 2 and is_quantized_name(name):
+            if v.dtype not in _FLOATS:
+                raise ValueError(f"{k} is already {v.dtype}; cannot quantize it to {scheme}")
+            out[k], out[f"{name}.weight_scale"] = quantize_weight(v, scheme)
+        else:
+            out[k] = v
+    return out
 
 
-def _check_dtypes(model: nn.Module, expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
-                  scheme: str, source: str) -> None:
-    """Each quantized layer: an int8/fp8 weight of the scheme and a finite float scale; every other tensor a
-    float (an 8-bit tensor there would be cast to float silently, scale lost). Names the key."""
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_quantized_dtypes(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], scheme: str,
+                           source: str) -> None:
+    """A pre-quantized file against the quantized module's state dict `expected`: each quantized layer an
+    int8/fp8 weight of the scheme and a finite float scale; every other tensor a float (an 8-bit tensor there
+    would be cast to float silently, scale lost). Names the key."""
     want = QDTYPE[scheme]
-    for name in quantized_names(model):
-        wkey, skey = f"{name}.weight", f"{name}.weight_scale"
+    for skey in (k for k in expected if k.endswith(".weight_scale")):
+        wkey = skey.removesuffix("_scale")
         w, s = sd.get(wkey), sd.get(skey)
         if w is None:
             continue  # reported with the other missing keys
@@ -268,38 +239,3 @@ def _check_dtypes(model: nn.Module, expected: Mapping[str, torch.Tensor], sd: Ma
         if v is not None and exp.dtype in _FLOATS and v.dtype not in _FLOATS:
             raise CheckpointError(f"{source}: {k} is {v.dtype}, but wanserve keeps it unquantized (LightX2V "
                                   f"quantizes only the blocks' attention and FFN linears); expected a float tensor")
-
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def load_quantized_dit(path: str | Path, arch: DiTArch, scheme: str, dtype: torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> WanModel:
-    """A WanModel whose block linears are QuantLinear, loaded strictly from a pre-quantized file or folder.
-
-    dtype: compute dtype of everything unquantized (default bf16 on GPU, fp32 on CPU); the 8-bit weights keep
-    their dtype and the scales become fp32. Raises CheckpointError for a missing, unexpected or misshapen key,
-    a quantized layer whose weight is not int8/fp8 of the scheme, or a missing scale.
-    """
-    from .loader import default_dtype
-
-    scheme = normalize_scheme(scheme)
-    dtype = dtype or default_dtype(device)
-    source = str(path)
-    with torch.device("meta"):
-        model = quantize_dit(WanModel(arch).to(dtype), scheme)
-    expected = model.state_dict()
-    sd = read_quantized_weights(path)
-    if any(k.endswith(".scale_weight") for k in sd):
-        raise CheckpointError(f"{source} is in ComfyUI's scaled-fp8 layout (X.scale_weight, one scale per tensor); "
-                              f"wanserve loads LightX2V's layout (X.weight_scale per output channel)")
-    sd = strip_prefix(sd, DIT_PREFIXES)
-    if is_diffusers_dit(sd):
-        sd = to_official_dit(sd, expected.keys())
-    sd = {k: (v.reshape(-1, 1) if k.endswith(".weight_scale") and v.dim() == 1 else v) for k, v in sd.items()}
-    _check_dtypes(model, expected, sd, scheme, source)
-    check_state_dict(expected, sd, f"{scheme}-quantized {arch.model_type} DiT (dim {arch.dim}, "
-                                   f"{arch.num_layers} layers)", source)
-    model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in sd.items()},
-                          strict=True, assign=True)
-    return model.eval().requires_grad_(False)

@@ -29,10 +29,12 @@ BASE = ModelClass("wan2.1", "model.pipeline:WanPipeline", None, sessions=False, 
                   sampler="unipc")
 DISTILL = ModelClass("wan2.1_distill", "model.pipeline:WanPipeline", ("distill_models", "distill_model"),
                      sessions=False, cfg=False, tasks=("t2v", "i2v"), sampler="step_distill",
-                     default_steps=(1000, 750, 500, 250), renoise="deterministic", warp=True)
+                     default_steps=(1000, 750, 500, 250),  # LightX2V / Self-Forcing 4-step list
+                     renoise="deterministic", warp=True)
 CAUSVID = ModelClass("wan2.1_causvid", "model.causal_pipeline:CausVidPipeline", ("causvid_models", "causal_model"),
                      sessions=True, cfg=False, tasks=("t2v",), sampler="step_distill",
-                     default_steps=(999, 934, 862, 756, 603, 410, 250, 140, 74), renoise="fresh_noise", warp=False)
+                     default_steps=(999, 934, 862, 756, 603, 410, 250, 140, 74),  # LightX2V configs/causvid/
+                     renoise="fresh_noise", warp=False)                            # wan_t2v_causvid.json
 
 MODEL_CLASSES: dict[str, ModelClass] = {m.name: m for m in (BASE, DISTILL, CAUSVID)}
 NAMES = tuple(MODEL_CLASSES)

@@ -1,29 +1,10 @@
-"""Flow-matching samplers: Wan2.1's UniPC, LightX2V's 4-step distill, and plain Euler.
+"""Flow-matching samplers: Wan2.1's UniPC, LightX2V's step-distill (4-step and CausVid lists), plain Euler.
 
-Every Wan2.1 model is a flow-matching model. A noisy latent at noise level σ ∈ [0, 1] is
-
-    x_σ = (1 − σ)·x0 + σ·ε,         ε ~ N(0, I)
-
-and the DiT, fed the timestep t ≈ 1000·σ, predicts the flow v = ε − x0, so that the clean latent it
-implies is x0 = x_σ − σ·v. The samplers differ only in which σ they visit and how they move between them:
-
-* `FlowUniPCScheduler` — the sampler of the official Wan2.1 repository (`FlowUniPCMultistepScheduler`,
-  50 steps for T2V, 40 for I2V): multistep UniPC (order 2, B(h)=expm1, x0-prediction) with the UniC
-  corrector. It reproduces Wan's σ grid and its int-truncated timesteps bit for bit, and Wan's float32
-  arithmetic (see the class docstring).
-* `StepDistillScheduler` — LightX2V's `WanStepDistillScheduler` for 4-step distilled students (and, per
-  block, for CausVid's 9-step list): each step predicts x0 and jumps to the next listed noise level,
-  either re-noising with the model's own noise estimate (LightX2V, deterministic) or with fresh Gaussian
-  noise (Self-Forcing, CausVid).
-* `EulerFlowScheduler` — the first-order ODE step x ← x + (σ_next − σ)·v, the reference the others are
-  checked against and the integrator for teacher ODE trajectories.
-
-All three share one small interface (`Sampler`): `timesteps[i]` is what the DiT is fed at step i,
-`sigmas` holds σ_0 … σ_{N−1} followed by the final σ_N = 0, `len()` is the number of DiT calls, and
-`step(i, flow, sample)` returns the sample for step i+1 (at the last step, the clean latent). Classifier-free
-guidance is the pipeline's business: it combines the two flows before calling `step`.
-
-`make_sampler(cfg)` picks the sampler a LightX2V config asks for. Pure torch; no diffusers import.
+Every Wan2.1 model is a flow-matching model: x_σ = (1 − σ)·x0 + σ·ε, and the DiT fed t ≈ 1000·σ predicts
+v = ε − x0. The samplers differ only in which σ they visit and how they move between them, behind one
+small interface (`Sampler`: `timesteps`, `sigmas`, `len()`, `step`); classifier-free guidance is the
+pipeline's business. `make_sampler(cfg)` picks the one a config's model class asks for (model/registry.py).
+Pure torch; no diffusers import. The samplers' references and precision: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -34,13 +15,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from model.config import NUM_TRAIN_TIMESTEPS, RunConfig, shift_sigma
+from . import registry
+from .config import NUM_TRAIN_TIMESTEPS, RunConfig, shift_sigma
 
 log = logging.getLogger(__name__)
 
 RENOISE_MODES = ("deterministic", "fresh_noise")
-DEFAULT_DISTILL_STEPS = (1000, 750, 500, 250)  # LightX2V / Self-Forcing 4-step list
-CAUSVID_STEPS = (999, 934, 862, 756, 603, 410, 250, 140, 74)  # LightX2V configs/causvid/wan_t2v_causvid.json
 
 
 @runtime_checkable
@@ -362,32 +342,31 @@ class EulerFlowScheduler(_FlowSampler):
 # Factory
 # --------------------------------------------------------------------------------------------------
 def make_sampler(cfg: RunConfig, task: str | None = None) -> Sampler:
-    """The sampler a LightX2V config asks for (a fresh instance: one per video).
+    """The sampler a LightX2V config asks for (a fresh instance: one per video), as its model class says
+    (model/registry.py: `sampler`, `default_steps`, `renoise`, `warp`).
 
-    `wan2.1` → Wan's UniPC with `infer_steps` and `sample_shift` (T2V and I2V differ only in the shift,
-    which the config carries: Wan uses 5 for T2V/720p I2V and 3 for 480p I2V).
-    `wan2.1_distill` → the step-distill sampler over `denoising_step_list` (default [1000, 750, 500, 250])
-    with `sample_shift` and `renoise`; so does `wan2.1` with LightX2V's extra key
-    `"scheduler_type": "WanStepDistillScheduler"` (how LightX2V runs a base model with a distill LoRA).
-    `wan2.1_causvid` → the same sampler, run once per block (model/causal.py), over the CausVid list (default
-    [999, 934, …, 74]) unwarped and with fresh noise unless `warp_denoising_step` / `renoise` say otherwise.
+    "unipc" (the base model) → Wan's UniPC with `infer_steps` and `sample_shift` (T2V and I2V differ only in
+    the shift, which the config carries: Wan uses 5 for T2V/720p I2V and 3 for 480p I2V); with LightX2V's
+    extra key `"scheduler_type": "WanStepDistillScheduler"` (how LightX2V runs a base model with a distill
+    LoRA) the distill student's sampler instead.
+    "step_distill" → the step-distill sampler over `denoising_step_list` (default: the class's list, e.g.
+    [1000, 750, 500, 250], or CausVid's [999, 934, …, 74] run once per block) with `sample_shift`, and
+    `renoise` / `warp_denoising_step` unless the config sets them.
     """
     task = task or cfg.task
     if task not in ("t2v", "i2v"):
         raise ValueError(f"task = {task!r}: must be t2v or i2v")
-    distill = cfg.model_cls == "wan2.1_distill" or (
-        cfg.model_cls == "wan2.1" and cfg.extras.get("scheduler_type") == "WanStepDistillScheduler")
-    if distill:
-        steps = cfg.denoising_step_list or list(DEFAULT_DISTILL_STEPS)
-        warp = True if cfg.warp_denoising_step is None else cfg.warp_denoising_step
-        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise or "deterministic", warp)
-    if cfg.model_cls == "wan2.1":
+    mc = registry.model_class(cfg.model_cls)
+    if mc.sampler == "unipc" and cfg.extras.get("scheduler_type") == "WanStepDistillScheduler":
+        mc = registry.DISTILL
+    if mc.sampler == "unipc":
         if cfg.denoising_step_list:
-            log.warning("denoising_step_list is ignored for model_cls=wan2.1 (UniPC runs infer_steps=%d); "
-                        "use model_cls=wan2.1_distill for a step-distilled model", cfg.infer_steps)
+            log.warning("denoising_step_list is ignored for model_cls=%s (UniPC runs infer_steps=%d); use a "
+                        "step-distilled model class (%s) for a step list", cfg.model_cls, cfg.infer_steps,
+                        ", ".join(m.name for m in registry.MODEL_CLASSES.values() if m.sampler == "step_distill"))
         return FlowUniPCScheduler(cfg.infer_steps, cfg.sample_shift)
-    if cfg.model_cls == "wan2.1_causvid":
-        steps = cfg.denoising_step_list or list(CAUSVID_STEPS)
-        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise or "fresh_noise",
-                                    bool(cfg.warp_denoising_step))
-    raise ValueError(f"model_cls = {cfg.model_cls!r}: no sampler for it")
+    if mc.sampler == "step_distill":
+        steps = cfg.denoising_step_list or list(mc.default_steps)
+        warp = mc.warp if cfg.warp_denoising_step is None else cfg.warp_denoising_step
+        return StepDistillScheduler(steps, cfg.sample_shift, cfg.renoise or mc.renoise, warp)
+    raise ValueError(f"model_cls = {cfg.model_cls!r}: no sampler {mc.sampler!r}")

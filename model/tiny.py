@@ -17,8 +17,9 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from . import registry
+from .archs import TINY_I2V, TINY_T2V, ClipArch, ComponentArchs, DiTArch, T5Arch, VaeArch
 from .checkpoint import CLIP_FILE, T5_FILE, VAE_FILE
-from .config import TINY_I2V, TINY_T2V, ClipArch, ComponentArchs, DiTArch, T5Arch, VaeArch
 from .dit import WanModel
 from .vae import vae_config, vae_key
 
@@ -131,8 +132,9 @@ def write_tiny_model(root: str | Path, task: str = "t2v", dit: WanModel | None =
     if tok.get_vocab_size() > archs.t5.vocab_size:
         raise ValueError(f"{tok.get_vocab_size()} words do not fit the T5 vocabulary of {archs.t5.vocab_size}")
     tok.save(str(tok_dir / "tokenizer.json"))
-    for student, sub, stem in ((distill, "distill_models", "distill_model"), (causal, "causvid_models", "causal_model")):
+    for student, mc in ((distill, registry.DISTILL), (causal, registry.CAUSVID)):
         if student is not None:
+            sub, stem = mc.student
             (root / sub).mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(root / sub / f"{stem}.safetensors"))
     return root

@@ -1,23 +1,10 @@
 """Wan2.1 VAE: diffusers' `AutoencoderKLWan` plus the glue wanserve needs.
 
-Why so little code: the Wan2.1 causal 3-D VAE *is* diffusers' `AutoencoderKLWan` (same modules, same
-chunked feature-cache encode/decode as upstream `wan/modules/vae.py`), and diffusers is well kept. We add:
-
-* `vae_config`: a `VaeArch` as `AutoencoderKLWan` kwargs, refusing structures diffusers cannot express.
-* `convert_vae_official`: official `Wan2.1_VAE.pth` key names -> diffusers names. diffusers ships
-  `convert_wan_vae_to_diffusers`, but it hard-codes the decoder's flat block indices (3/7/11 are upsamplers,
-  4 has the shortcut), which is right only for num_res_blocks=2 and four stages. Ours derives the indices
-  from `num_res_blocks` in a few table-driven lines and works both ways (the inverse names missing keys in
-  official terms); the tests check it equals diffusers' function on the released config.
-* `WanVAE`: strict loading from an official or a diffusers model folder, `encode` to normalized latents
-  `(mu - mean) / std` (the posterior mean, as Wan does), `decode` back to pixels in [-1, 1], and a
-  `stream_decoder()` that keeps the causal feature cache between calls (CausVid decodes block by block).
-
-Chunking: `AutoencoderKLWan._encode` feeds the encoder the first frame, then 4-frame chunks, and `_decode`
-one latent frame at a time, each call through a per-conv feature cache: the only correct path. It is taken
-whenever tiling is off (slicing only splits the batch); both are off by default and `WanVAE` turns them off.
-Memory note: diffusers keeps that cache on the model instance, so one `WanVAE` must not encode/decode from two
-threads at once. A `StreamDecoder` keeps its own cache and may interleave with whole-video calls.
+The Wan2.1 causal 3-D VAE *is* diffusers' `AutoencoderKLWan` (same modules, same chunked feature-cache
+encode/decode as upstream), so we add only: `vae_config` (a `VaeArch` as kwargs), `convert_vae_official`
+(official key names <-> diffusers names, derived from `num_res_blocks` instead of hard-coded indices), and
+`WanVAE` (strict loading, normalized latents, a `stream_decoder()` for block-by-block CausVid decoding).
+Chunking, tiling and the one-thread-per-`WanVAE` rule: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -27,8 +14,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from .archs import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, VaeArch
 from .checkpoint import ModelFolder, StateDict, check_state_dict, load_state_dict
-from .config import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, ConfigError, VaeArch, validated
+from .config import ConfigError
+from .validation import validated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +150,7 @@ class WanVAE:
     """An `AutoencoderKLWan` (eval, no grad) and its latent statistics (from its config)."""
 
     def __init__(self, model: AutoencoderKLWan):
-        model.use_tiling = False  # tiled encode/decode is not the chunked causal path (see module docstring)
+        model.use_tiling = False  # tiled encode/decode is not the chunked causal path (ARCHITECTURE.md)
         model.use_slicing = False
         self.model = model.eval().requires_grad_(False)
         p = next(model.parameters())

@@ -1,30 +1,12 @@
 """Sequence-parallel self-attention (Ulysses x ring) and the token layout that shards a DiT forward.
 
-The DiT asks its `TokenLayout` (model/attention.py) to shard the tokens, to attend, and to gather the output.
-`SequenceParallelLayout` answers over an SP group of P = ulysses x ring ranks:
-
-* **shard**: zero-pad the L tokens to Lp = ceil(L / P) * P and keep the contiguous chunk [p*s, (p+1)*s),
-  s = Lp / P, of SP rank p. dit.py shards the RoPE rotations the same way, so every rank rotates its tokens
-  with their *global* positions; per-token modulation too.
-* **attend**: Ulysses all-to-all (within the ulysses group) turns [B, s, H, D] into [B, U*s, H/U, D]: all
-  heads of a local sequence chunk become H/U heads of the U chunks of the ring member. Ring attention
-  (within the ring group) then passes the K/V blocks around (isend/irecv, overlapped with the compute) and
-  merges each block's partial output with its log-sum-exp. A second all-to-all brings the heads back.
-* **mask**: keys at global index >= L are padding and are *masked* (sliced off: the valid keys of a block
-  are always a prefix). Upstream Wan/xDiT skip this and differ from one GPU by ~1e-2 whenever L % P != 0;
-  here SP equals SP=1 to fp32 round-off for every L. Padded query rows are computed and dropped by `gather`.
-* **gather**: all_gather over the SP group, concatenate, drop the padding.
-
-`attend_segments` / `SequenceParallelAttention.__call__` take local queries and a *list* of K/V segments
-(each with its own validity), so CausVid can attend to [cached K/V ; current K/V] with the same code. The
-three stages are also public (`scatter_heads`, `attend_scattered`, `gather_heads`): the CausVid cache
-(parallel/causal.py) sits between the first two, where the scheme has decided which tokens and heads a
-rank holds.
-
-Kernels: on CPU, torch's flash-attention-for-CPU op, which returns the log-sum-exp (yunchang's CPU
-"math" path returns lse = 0 and is wrong for rings, see the reference notes). On CUDA, with no padding and
-half precision, xDiT's `xFuserLongContextAttention` (or yunchang's `LongContextAttention`) over the same
-groups, imported lazily on first CUDA use; otherwise the same pad-aware path as on CPU.
+The DiT asks its `TokenLayout` (model/attention.py) to shard the tokens, to attend, and to gather the output;
+`SequenceParallelLayout` answers over an SP group of P = ulysses x ring ranks: shard (zero-pad to a multiple
+of P, keep rank p's contiguous chunk), attend (Ulysses all-to-all, then ring attention merged by
+log-sum-exp), gather. Padding keys are masked, so SP equals one process to fp32 round-off for every
+length. `attend_segments` takes a list of K/V segments (CausVid: cache + current block). Kernels: torch's
+CPU flash attention (it returns the lse); on CUDA, xDiT's / yunchang's when they fit. ARCHITECTURE.md
+("parallel") has the design.
 """
 from __future__ import annotations
 
@@ -37,7 +19,7 @@ import torch.distributed as dist
 
 from model.attention import TokenLayout, attention
 
-from .group import Group, SubGroup
+from .group import Group, SubGroup, wait
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +215,7 @@ class SequenceParallelAttention:
                 if k.shape[1]:
                     acc = merge_partial(acc, attention_lse(q, k, v, mask))
             for req in reqs:
-                self.stats.timed(req.wait)
+                self.stats.timed(wait, req)
             if nxt is not None:
                 buf = nxt
         if acc is None:

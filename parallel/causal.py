@@ -1,36 +1,11 @@
 """CausVid under sequence parallelism: the K/V cache sharded the way the SP scheme shards K/V.
 
-Why a module: the causal DiT (model/causal.py) runs a block forward with the same token sharding as the
-bidirectional forward — the block's L = f·h·w tokens zero-padded to Lp = ceil(L / P)·P, SP rank p holding
-the contiguous chunk [p·s, (p+1)·s), s = Lp / P, rotated with its *global* RoPE positions at the block's
-frame offset, and the head's output gathered — and asks one function to attend a block's queries over
-"everything the cache holds, the block itself included". This module is that function and the cache it
-writes, per scheme. Nothing is ever re-gathered: each rank keeps exactly the K/V its scheme gives it.
-
-* **Ulysses** (ring degree 1): after the all-to-all a rank holds all Lp tokens of the block for H/U heads.
-  It drops the padded rows (always the last Lp - L) and writes the rest into a plain `KVCache` — all tokens
-  of its heads, in frame slots, exactly the single-process cache restricted to H/U heads. Its queries then
-  attend over that cache with no mask (the view holds valid keys only), and a second all-to-all brings the
-  heads back. Per rank: 1/U of the single-process cache; no communication beyond the two all-to-alls.
-* **Ring** (and **hybrid** U x R: the ring runs over the ulysses-scattered chunks): ring member m holds
-  tokens [m·n, (m+1)·n) of every block (n = U·s; H/U heads) and caches its own chunk of every block in a
-  `RingKVCache`: one slot of n tokens per block. The ring then passes each member's cached chunks — the
-  current block's among them — around (`SequenceParallelAttention.attend_scattered`), merging partial
-  outputs by log-sum-exp. Per rank: ~1/(U·R) of the cache (+ the padding rows of each block).
-
-Eviction and the sink: both caches are `KVCache`s, so the frame bookkeeping (`begin`, `first_frame`, the
-window and the sink) is the same code on every rank and on one process; since every rank is told the same
-blocks in the same order, every rank evicts the same frames at the same time. A ring chunk does not align
-with frames (a chunk may end mid-frame, and a window need not be a multiple of the block), so
-`RingKVCache` stores whole block chunks — the sink blocks forever, a ring of the most recent ones — and
-masks, key by key, the frames the window has already evicted (and the padding). With blocks that tile the
-window and the sink, and L divisible by P (the production shapes: 3-frame blocks, 1560 tokens per frame),
-no key is masked and the attention runs unmasked, and each rank holds exactly 1/P of the one-process cache.
-Otherwise the price is memory, not correctness: up to F - 1 evicted frames per partly visible block (F =
-frames per block) and the Lp - L padding rows stay allocated until their slot is reused.
-
-Every rank returns the same outputs as one process up to float summation order (≤ 1e-5 in fp32; the tests
-check generation block by block).
+The causal DiT (model/causal.py) shards a block's tokens as the bidirectional forward does and asks one
+function to attend the block's queries over everything the cache holds, the block itself included: this
+module is that function and the cache it writes, per scheme. Nothing is ever re-gathered: under Ulysses a
+rank caches all tokens of its H/U heads (a plain `KVCache`); under ring / hybrid it caches its own chunk of
+every block (`RingKVCache`) and the ring passes the chunks around. Every rank returns what one process
+would, up to float summation order (<= 1e-5 in fp32). ARCHITECTURE.md ("parallel") has the design.
 """
 from __future__ import annotations
 

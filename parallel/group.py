@@ -1,27 +1,11 @@
 """Form the torch.distributed group of one sequence-parallel replica, and notice when a member is gone.
 
-A replica is N processes (Ray actors, or torchrun / spawned processes) that must agree on one process group
-before any tensor moves. Two things make this more than `init_process_group`:
-
-* **Joining is bounded and names the missing.** Rank 0 hosts a TCPStore (on a port it picks itself, or one
-  given); every rank writes `join/<rank>` and waits for all the others' keys. A rank that never arrives makes
-  every other rank fail after `join_timeout` with "rank 3 did not join"; a rank that cannot reach rank 0's
-  store fails with "rank 0 ... is not reachable". Only then is the real (gloo on CPU, nccl on CUDA) group
-  created over the same store.
-* **Dying is noticed and named.** Each rank runs a heartbeat thread that writes a counter (and what it is
-  doing) into the store and watches everybody else's. Work is run inside `Group.watch()`: when a collective
-  fails (gloo reports a closed connection as soon as a peer process dies; a hung peer runs into the
-  collective timeout `op_timeout`) the rank waits, at most `stale_after` seconds, for the evidence — a peer
-  that posted its own error, a peer whose heartbeat stopped, or rank 0's store gone (rank 0 died) — and
-  raises `RankFailure` naming the rank(s). A rank that fails on its own (a Python error) posts its error so
-  the others can name it and its reason.
-
-Sub-groups follow xDiT's order with sequence-parallel innermost: the world is cfg_p_size x sp_size ranks,
-rank = cfg_rank * sp + sp_rank; within an SP group, rank sp_rank = ring_rank * ulysses + ulysses_rank
-(yunchang's `use_ulysses_low`). So sp=2, cfg=2 gives SP groups [0,1],[2,3] and CFG groups [0,2],[1,3];
-sp=4 as ulysses 2 x ring 2 gives ulysses groups [0,1],[2,3] and ring groups [0,2],[1,3].
-
-Only torch.distributed and the standard library are used here: nothing CUDA-specific is imported on CPU.
+Joining is bounded and names the missing rank (rank 0 hosts a TCPStore; every rank waits for the others'
+`join/<rank>` keys). Dying is noticed and named: work runs inside `Group.watch()`, and a failed collective
+is turned, with the heartbeat's evidence (parallel/heartbeat.py), into a `RankFailure` naming the rank(s);
+a rank that fails by itself posts its error so the others name it and its reason. Sub-groups follow
+xDiT's order, sequence parallel innermost. Only torch.distributed and the standard library are used here.
+ARCHITECTURE.md ("parallel") has the design.
 """
 from __future__ import annotations
 
@@ -31,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,9 +22,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from .heartbeat import KEY_PREFIX, Heartbeat, beat_key
 
-KEY_PREFIX = "wanserve/"
+log = logging.getLogger(__name__)
+_DIST_DIR = os.path.dirname(os.path.abspath(dist.__file__)) + os.sep
 
 
 class GroupError(RuntimeError):
@@ -173,80 +157,46 @@ def _connect(addr: str, port: int, world_size: int, timeout: float) -> dist.TCPS
 
 
 # ------------------------------------------------------------------------------------------------
-# Heartbeats
-# ------------------------------------------------------------------------------------------------
-class _Heartbeat(threading.Thread):
-    """Writes this rank's beat into the store every `interval` s and watches everyone else's.
-
-    A beat is JSON {"n": counter, "phase": what the rank is doing, "failed": its own error or null,
-    "blames": ranks it found dead}. Staleness is measured on this host's clock (the time since a peer's
-    counter last changed), so hosts need no synchronised clocks.
-    """
-
-    def __init__(self, store: dist.TCPStore, rank: int, world_size: int, interval: float):
-        super().__init__(name=f"wanserve-heartbeat-{rank}", daemon=True)
-        self.store = store  # this thread's own client connection (store.clone())
-        self.rank, self.world_size, self.interval = rank, world_size, interval
-        self.phase, self.failed, self.blames = "joined", None, []
-        self.lock = threading.Lock()
-        self.stop_event = threading.Event()
-        self.wake = threading.Event()  # beat now (the phase changed)
-        now = time.monotonic()
-        self.peers = {r: {"n": -1, "seen": now, "phase": "?", "failed": None, "blames": []}
-                      for r in range(world_size) if r != rank}
-        self.store_error: str | None = None
-        self.counter = 0
-
-    def beat_value(self) -> str:
-        return json.dumps({"n": self.counter, "phase": self.phase, "failed": self.failed, "blames": self.blames})
-
-    def kick(self) -> None:
-        self.wake.set()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.wake.set()
-
-    def run(self):
-        keys = [f"{KEY_PREFIX}hb/{r}" for r in self.peers]
-        while not self.stop_event.is_set():
-            try:
-                self.counter += 1
-                self.store.set(f"{KEY_PREFIX}hb/{self.rank}", self.beat_value())
-                values = self.store.multi_get(keys) if keys else []
-            except Exception as e:  # the store lives in rank 0: rank 0 is gone, and so is the group
-                with self.lock:
-                    self.store_error = str(e).splitlines()[0][:200]
-                return
-            now = time.monotonic()
-            with self.lock:
-                for r, raw in zip(self.peers, values):
-                    beat = json.loads(bytes(raw).decode())
-                    p = self.peers[r]
-                    if beat["n"] != p["n"]:
-                        p.update(n=beat["n"], seen=now)
-                    p.update(phase=beat["phase"], failed=beat["failed"], blames=beat.get("blames", []))
-            self.wake.wait(self.interval)
-            self.wake.clear()
-
-    def snapshot(self) -> tuple[dict[int, dict], str | None]:
-        now = time.monotonic()
-        with self.lock:
-            peers = {r: {**p, "age": now - p["seen"]} for r, p in self.peers.items()}
-            return peers, self.store_error
-
-
-# ------------------------------------------------------------------------------------------------
 # The group
 # ------------------------------------------------------------------------------------------------
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text.strip() else type(exc).__name__
+
+
+class CollectiveError(dist.DistError):
+    """A collective's failure that no torch.distributed frame shows: the RuntimeError of a p2p `Work.wait()`."""
+
+
+def wait(work) -> None:
+    """`work.wait()` of an async (p2p) op: gloo raises a plain RuntimeError in the caller's frame, so name it."""
+    try:
+        work.wait()
+    except dist.DistError:
+        raise
+    except RuntimeError as e:
+        raise CollectiveError(str(e)) from e
+
+
+def raised_in_distributed(exc: BaseException) -> bool:
+    """Was `exc` raised from inside torch.distributed (its innermost frame is torch.distributed's code)?"""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_DIST_DIR)
+
+
 def is_comm_error(exc: BaseException) -> bool:
-    """Did this exception come out of a collective / the store (rather than this rank's own code)?"""
+    """Did this exception come out of a collective or the store, rather than this rank's own code? By type:
+    torch's DistError (and subclasses: backend, network, store; CollectiveError), or a RuntimeError raised
+    from inside torch.distributed (gloo's errors are plain RuntimeErrors thrown in its collective calls).
+    Whether a peer is gone is the other half of the verdict (`Group.watch`)."""
     if isinstance(exc, dist.DistError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in (
-        "gloo", "Gloo", "NCCL", "nccl", "Connection closed", "Connection reset", "Broken pipe", "Timed out",
-        "timed out", "Socket", "connect"))
+    return isinstance(exc, RuntimeError) and raised_in_distributed(exc)
 
 
 @dataclass
@@ -266,7 +216,7 @@ class Group:
     ulysses: SubGroup = None
     ring: SubGroup = None
     stale_after: float = 5.0
-    heartbeat: _Heartbeat | None = None
+    heartbeat: Heartbeat | None = None
     broken: str | None = None
     closed: bool = False
     _owns_pg: bool = field(default=True, repr=False)
@@ -297,24 +247,20 @@ class Group:
             return [], "no heartbeat running"
         deadline = time.monotonic() + (self.stale_after + 2 * hb.interval if wait is None else wait)
         while True:
-            peers, store_error = hb.snapshot()
-            failed = {r: p["failed"] for r, p in peers.items() if p["failed"]}
-            if failed:
-                return sorted(failed), "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
-            stale = sorted(r for r, p in peers.items() if p["age"] > self.stale_after)
-            if stale:
-                return stale, "; ".join(f"rank {r} stopped responding (no heartbeat for {peers[r]['age']:.1f} s, "
-                                        f"last phase: {peers[r]['phase']})" for r in stale)
-            blamed = sorted({b for p in peers.values() for b in p["blames"]})
-            if blamed:
-                return blamed, f"rank(s) {blamed} found dead by the other ranks"
-            if store_error is not None and self.rank != 0:
-                return [0], (f"rank 0 (it hosts the group's store at {self.addr}:{self.port}) is unreachable: "
-                             f"it died or its host is down ({store_error})")
+            found = hb.evidence(self.stale_after, f"{self.addr}:{self.port}")
+            if found is not None:
+                return found
             if time.monotonic() >= deadline:
+                peers, _ = hb.snapshot()
                 phases = ", ".join(f"rank {r}: {p['phase']}" for r, p in sorted(peers.items()))
                 return [], f"every rank still has a heartbeat (phases: {phases})"
             time.sleep(min(hb.interval, 0.1))
+
+    def peer_gone(self) -> bool:
+        """Does the heartbeat show, right now, that another rank is gone (failed, stale, found dead, or rank
+        0's store lost)?"""
+        found = self.heartbeat.evidence(self.stale_after, f"{self.addr}:{self.port}") if self.heartbeat else None
+        return found is not None and bool(set(found[0]) - {self.rank})
 
     def post_failure(self, exc: BaseException) -> None:
         """Tell the others that this rank failed by itself, and why."""
@@ -325,9 +271,13 @@ class Group:
 
     def _publish(self) -> None:
         """Write this rank's beat now, from the calling thread (a failure or a verdict must not wait)."""
-        with contextlib.suppress(Exception):
+        try:
             self.store.set_timeout(timedelta(seconds=2))  # rank 0 may be gone: do not block on it
-            self.store.set(f"{KEY_PREFIX}hb/{self.rank}", self.heartbeat.beat_value())
+            self.store.set(beat_key(self.rank), self.heartbeat.beat_value())
+        except (RuntimeError, OSError) as e:  # the store's errors are DistErrors (RuntimeError)
+            # safe to go on: the heartbeat thread writes the same beat on its next round, and if rank 0's store
+            # is gone the peers learn of this rank's end from its silence instead
+            log.warning("rank %d could not publish its beat now (%s)", self.rank, first_line(e))
 
     @contextlib.contextmanager
     def watch(self, what: str = "job", benign: tuple[type[BaseException], ...] = ()):
@@ -346,7 +296,7 @@ class Group:
             self._break(str(e))
             raise
         except Exception as exc:
-            if not is_comm_error(exc):
+            if not is_comm_error(exc) and not self.peer_gone():  # this rank's own failure
                 self.post_failure(exc)
                 self._break(f"rank {self.rank} failed: {exc}")
                 raise
@@ -355,7 +305,7 @@ class Group:
                 self.heartbeat.blames = ranks
                 self._publish()
             self._break(why)
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            first = first_line(exc)
             raise RankFailure(ranks, f"rank {self.rank}: {what} failed: {why} [{first}]") from exc
 
     def _break(self, reason: str) -> None:
@@ -365,15 +315,17 @@ class Group:
         self._release_groups()
 
     def _release_groups(self) -> None:
-        for sub in (self.sp, self.cfg, self.ulysses, self.ring):
-            if sub is not None:
-                sub.pg = None  # the layouts share these SubGroups: no reference may keep a group alive
+        subs = [sub for sub in (self.sp, self.cfg, self.ulysses, self.ring) if sub is not None]
+        if self._owns_pg and dist.is_initialized() and self.backend == "nccl":
+            _abort_nccl(self.rank, [sub.pg for sub in subs])  # peers stuck in a NCCL kernel need an abort
+        for sub in subs:
+            sub.pg = None  # the layouts share these SubGroups: no reference may keep a group alive
         if self._owns_pg and dist.is_initialized():
-            if self.backend == "nccl":
-                with contextlib.suppress(Exception):
-                    dist.distributed_c10d._abort_process_group()
-            with contextlib.suppress(Exception):
+            try:
                 dist.destroy_process_group()
+            except (RuntimeError, ValueError) as e:  # already torn down (an abort, a failed backend)
+                # safe to go on: this rank is leaving the group, and nothing uses its process groups again
+                log.warning("rank %d: destroying the process group failed (%s)", self.rank, e)
         gc.collect()  # a gloo group closes its connections when the last reference goes
 
     # ---- teardown ----
@@ -411,6 +363,20 @@ class Group:
         self.close()
 
 
+def _abort_nccl(rank: int, pgs: list) -> None:
+    """`ProcessGroup.abort()` (torch >= 2.6) on every sub-group, newest first, then the world (the order of
+    torch's own group abort): pending NCCL work ends now instead of at `op_timeout`."""
+    seen = set()
+    for pg in [*reversed(pgs), dist.group.WORLD]:
+        if pg is None or id(pg) in seen:
+            continue
+        seen.add(id(pg))
+        try:
+            pg.abort()
+        except RuntimeError as e:  # safe to go on: destroy_process_group frees the groups either way
+            log.warning("rank %d: aborting a NCCL process group failed (%s)", rank, e)
+
+
 def join(rank: int, world_size: int, addr: str, port: int, layout: GroupLayout | None = None, *,
          device: torch.device | str | None = None, store: dist.TCPStore | None = None, join_timeout: float = 60.0,
          op_timeout: float = 600.0, heartbeat_interval: float = 1.0, stale_after: float = 5.0) -> Group:
@@ -443,11 +409,11 @@ def join(rank: int, world_size: int, addr: str, port: int, layout: GroupLayout |
             who = "this rank could not host the store" if rank == 0 else (
                 f"rank 0 (the group's store at {addr}:{port}) is not reachable after {join_timeout:.0f} s: it never "
                 "came up, or the address is wrong")
-            raise GroupError(f"rank {rank}: {who} ({str(e).splitlines()[0][:200]})") from e
+            raise GroupError(f"rank {rank}: {who} ({first_line(e)})") from e
     prefixed = dist.PrefixStore(KEY_PREFIX.rstrip("/"), store)  # the torch group's own keys
     _join_barrier(store, rank, world_size, addr, port, t0 + join_timeout)
 
-    hb = _Heartbeat(store.clone(), rank, world_size, heartbeat_interval)
+    hb = Heartbeat(store.clone(), rank, world_size, heartbeat_interval)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=op_timeout))
     group = Group(rank, world_size, layout, device, backend, store, addr, port, stale_after=stale_after, heartbeat=hb)
@@ -463,14 +429,14 @@ def join(rank: int, world_size: int, addr: str, port: int, layout: GroupLayout |
 
 def _join_barrier(store, rank: int, world_size: int, addr: str, port: int, deadline: float) -> None:
     key = f"{KEY_PREFIX}join/{{}}"
-    store.set(f"{KEY_PREFIX}hb/{rank}", json.dumps({"n": 0, "phase": "joining", "failed": None, "blames": []}))
+    store.set(beat_key(rank), json.dumps({"n": 0, "phase": "joining", "failed": None, "blames": []}))
     store.set(key.format(rank), str(os.getpid()))
     while True:
         try:
             missing = [r for r in range(world_size) if not store.check([key.format(r)])]
         except Exception as e:
             raise GroupError(f"rank {rank}: lost rank 0's store at {addr}:{port} while waiting for the others to "
-                             f"join: rank 0 died ({str(e).splitlines()[0][:200]})") from e
+                             f"join: rank 0 died ({first_line(e)})") from e
         if not missing:
             return
         if time.monotonic() > deadline:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from model.archs import DiTArch
 from model.checkpoint import save_sharded, to_diffusers_dit
-from model.config import DiTArch
 from model.dit import WanModel
 
 

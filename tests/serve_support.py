@@ -45,7 +45,7 @@ def ensure_serve() -> int:
 
 def write_models(root: Path) -> dict[str, Path]:
     """Tiny folders: a T2V one with distill + CausVid students, an I2V one with a distill student."""
-    from model.config import TINY_I2V, TINY_T2V
+    from model.archs import TINY_I2V, TINY_T2V
     from model.tiny import write_tiny_model
 
     t2v = root / "t2v"

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_dit, torch_threads
+
+from model.archs import TINY_I2V, TINY_T2V
 from model.causal import KVCache, block_causal_mask
 from model.causal_pipeline import CausVidPipeline
 from model.checkpoint import CheckpointError
-from model.config import TINY_I2V, TINY_T2V, ConfigError, load_run_config
+from model.config import ConfigError, load_run_config
 from model.pipeline import Cancelled, RequestError
 from model.schedulers import StepDistillScheduler, make_sampler
 from model.tiny import write_tiny_model
@@ -357,7 +358,7 @@ def test_bad_requests_are_refused(base, monkeypatch):
         base.start_session(" ")
     with pytest.raises(RequestError, match="beyond RoPE's 1024 positions"):
         base.generate(PROMPT, num_fragments=171)
-    monkeypatch.setattr("model.causal_pipeline.ROPE_MAX_POSITIONS", 10)  # a session reaching the table's end
+    monkeypatch.setattr("model.causal_session.ROPE_MAX_POSITIONS", 10)  # a session reaching the table's end
     session = base.start_session(PROMPT, seed=1)
     session.next_fragment()
     with pytest.raises(RequestError, match="would need frames up to 12, beyond RoPE's 10 positions"):

@@ -17,7 +17,8 @@ import torch
 from helpers import tiny_dit, torch_threads
 
 from model.causal_pipeline import CausVidPipeline
-from model.config import TINY_T2V, load_run_config
+from model.archs import TINY_T2V
+from model.config import load_run_config
 from model.tiny import write_tiny_model
 
 ROOT = Path(__file__).parent.parent
@@ -45,7 +46,9 @@ def causvid_config(case: str, **parallel):
 
 def sp_worker(rank, world_size, addr, port, model_root, ports):
     from model.pipeline import Cancelled, RequestError
-    from engine.causal_runner import CausalRunner, SessionNotFound, load_rank_causal_pipeline, share_from_rank0
+    from engine.causal_runner import CausalRunner, SessionNotFound
+    from engine.protocol import share_result
+    from engine.rank import load_rank_pipeline
     from parallel.group import GroupLayout, join
 
     out = {}
@@ -56,7 +59,7 @@ def sp_worker(rank, world_size, addr, port, model_root, ports):
             if group is None:
                 group = join(rank, world_size, addr, p, GroupLayout.from_parallel(cfg.parallel), join_timeout=60,
                              heartbeat_interval=0.2, stale_after=3)
-            runner = CausalRunner(load_rank_causal_pipeline(model_root, cfg, rank), group)
+            runner = CausalRunner(load_rank_pipeline(model_root, cfg, rank), group)
             res = {}
             runner.open("s", PROMPT, SEED)
             res["f1"] = runner.next_fragment("s")
@@ -78,7 +81,7 @@ def sp_worker(rank, world_size, addr, port, model_root, ports):
                 runner.next_fragment("c", prompt=OTHER)
                 res["cancel_latents"] = runner.sessions["c"].session.latents()
                 # offload / reload, then fragment 3; a restore of the state taken before it makes the same
-                state = share_from_rank0(group, runner.state("s") if rank == 0 else None)
+                state = share_result(group, runner.state("s") if rank == 0 else None)
                 res["offloaded"] = runner.offload("s")
                 res["stats_idle"] = runner.stats()
                 res["reloaded"] = runner.reload("s")

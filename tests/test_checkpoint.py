@@ -3,12 +3,19 @@ import json
 
 import pytest
 import torch
+from helpers import dit_inputs, tiny_dit, write_diffusers_dit, write_official_dit
 from safetensors.torch import save_file
 
-from helpers import dit_inputs, tiny_dit, write_diffusers_dit, write_official_dit
-from model.checkpoint import (CLIP_FILE, T5_FILE, VAE_FILE, CheckpointError, ModelFolder, load_state_dict,
-                              to_diffusers_dit)
-from model.config import TINY_I2V, TINY_T2V
+from model.archs import TINY_I2V, TINY_T2V
+from model.checkpoint import (
+    CLIP_FILE,
+    T5_FILE,
+    VAE_FILE,
+    CheckpointError,
+    ModelFolder,
+    load_state_dict,
+    to_diffusers_dit,
+)
 from model.loader import load_dit, read_dit_arch
 
 
@@ -166,3 +173,81 @@ def test_bare_file_needs_arch(tmp_path):
     path = write_official_dit(tmp_path, tiny_dit(TINY_T2V))
     with pytest.raises(CheckpointError, match="pass the architecture"):
         load_dit(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader's steps give the weights of the primitive path, bit for bit
+# --------------------------------------------------------------------------------------------------
+def _primitive_module(sd, arch, dtype):
+    """The module built by hand: strict load into a float WanModel, then cast to the compute dtype."""
+    from model.dit import WanModel
+
+    model = WanModel(arch)
+    model.load_state_dict(sd)
+    return model.to(dtype)
+
+
+def _same_weights(got, want):
+    a, b = got.state_dict(), want.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].device == b[k].device, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k  # bits, fp8 included
+    kinds = [{n: type(m).__name__ for n, m in model.named_modules()} for model in (got, want)]
+    assert kinds[0] == kinds[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loader_equals_primitive_steps(tmp_path, dtype):
+    """load_pipeline_dit (files -> state dict -> keys -> LoRA -> quantization -> module) against building the
+    module, merging the LoRAs into it and quantizing it, for: the student file; base + LoRA; base + LoRA +
+    int8 quantize-on-load; a pre-quantized fp8 file. bf16 checks the cast order: cast, LoRA delta in fp32
+    and cast back, then quantize."""
+    from model.config import LoraConfig, load_run_config
+    from model.loader import load_pipeline_dit
+    from model.lora import merge_loras
+    from model.quant import quantize_dit, quantized_state_dict
+
+    arch = TINY_T2V
+    base, student = tiny_dit(arch, seed=5), tiny_dit(arch, seed=6)
+    write_official_dit(tmp_path, base)
+    (tmp_path / "distill_models").mkdir()
+    save_file(student.state_dict(), str(tmp_path / "distill_models" / "distill_model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 48, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(48, 4, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0),
+               "diffusion_model.blocks.1.ffn.2.diff_b": torch.randn(48, generator=g)}, str(tmp_path / "l1.safetensors"))
+    save_file({"blocks.1.cross_attn.k.lora_B.weight": torch.randn(48, 2, generator=g),
+               "blocks.1.cross_attn.k.lora_A.weight": torch.randn(2, 48, generator=g)},
+              str(tmp_path / "l2.safetensors"))
+    loras = [LoraConfig(path="l1.safetensors", strength=0.7), LoraConfig(path="l2.safetensors", strength=-1.5)]
+    quantized = quantize_dit(_primitive_module(student.state_dict(), arch, torch.bfloat16), "fp8")
+    save_file(quantized_state_dict(quantized), str(tmp_path / "distill_models" / "fp8.safetensors"))
+    folder = ModelFolder.open(tmp_path)
+    lora_cfg = [c.model_dump() for c in loras]
+
+    def load(**cfg):
+        return load_pipeline_dit(folder, load_run_config({"enable_cfg": False, **cfg}, model_cls="wan2.1_distill"),
+                                 dtype, "cpu")
+
+    _same_weights(load(), _primitive_module(student.state_dict(), arch, dtype))
+
+    want = _primitive_module(base.state_dict(), arch, dtype)
+    merge_loras(want, loras, roots=[tmp_path])
+    got = load(lora_configs=lora_cfg)
+    _same_weights(got, want)
+    assert not torch.equal(got.blocks[0].self_attn.q.weight, base.blocks[0].self_attn.q.weight.to(dtype))
+
+    quantize_dit(want, "int8")
+    _same_weights(load(lora_configs=lora_cfg, dit_quantized=True, dit_quant_scheme="int8-vllm"), want)
+
+    from model.dit import WanModel
+
+    with torch.device("meta"):  # the quantized module's skeleton, its tensors assigned from the file
+        want = quantize_dit(WanModel(arch).to(dtype), "fp8")
+    expected = want.state_dict()
+    file = load_state_dict(tmp_path / "distill_models" / "fp8.safetensors")
+    want.load_state_dict({k: v.to(expected[k].dtype) for k, v in file.items()}, assign=True)
+    _same_weights(load(dit_quantized=True, dit_quant_scheme="fp8-sgl",
+                       dit_quantized_ckpt="distill_models/fp8.safetensors"), want.eval().requires_grad_(False))

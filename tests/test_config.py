@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import (TINY_T2V, WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, ConfigError, DiTArch, RunConfig,
-                          load_run_config)
+from model.archs import TINY_T2V, WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch
+from model.config import ConfigError, RunConfig, load_run_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.json"))
 
@@ -135,3 +135,75 @@ def test_arch_rules():
 def test_defaults_are_wan_t2v():
     cfg = RunConfig()
     assert (cfg.infer_steps, cfg.sample_shift, cfg.sample_guide_scale, cfg.target_video_length) == (50, 5.0, 5.0, 81)
+
+
+def test_weight_keys_are_acted_on_or_refused():
+    """Keys the loader would not act on in the given combination are refused, naming the key."""
+    distill = {"enable_cfg": False}
+    assert "dit_quant_scheme = 'int8-vllm': set dit_quantized = true" in _error({"dit_quant_scheme": "int8-vllm"})
+    assert "dit_quantized_ckpt = 'q.safetensors': needs dit_quantized = true" in _error(
+        {"dit_quantized_ckpt": "q.safetensors"})
+    assert "lora_configs with dit_quantized_ckpt" in _error(
+        {"dit_quantized": True, "dit_quant_scheme": "fp8", "dit_quantized_ckpt": "q.safetensors",
+         "lora_configs": [{"path": "l.safetensors"}]})
+    assert "dit_original_ckpt = 'd.pt': not used (model_cls=wan2.1 loads the base DiT" in _error(
+        {"dit_original_ckpt": "d.pt"})
+    assert "dit_original_ckpt = 'd.pt': not used (with lora_configs" in _error(
+        {**distill, "dit_original_ckpt": "d.pt", "lora_configs": [{"path": "l.safetensors"}]},
+        model_cls="wan2.1_distill")
+    assert load_run_config({**distill, "dit_original_ckpt": "d.pt"}, model_cls="wan2.1_distill").dit_original_ckpt
+    assert "clip_quantized_ckpt = 'c.pt': pre-quantized CLIP files are not supported" in _error(
+        {"clip_quantized_ckpt": "c.pt"})
+    assert "clip_quantized = true: task 't2v' loads no CLIP image encoder" in _error(
+        {"clip_quantized": True, "clip_quant_scheme": "int8"})
+    cfg = load_run_config({"t5_quantized": True, "t5_quant_scheme": "fp8-sgl"})
+    assert (cfg.t5_quantized, cfg.t5_quant_scheme, cfg.clip_quantized) == (True, "fp8-sgl", False)
+
+
+def test_model_class_rules_come_from_the_registry():
+    from model import registry
+
+    for mc in registry.MODEL_CLASSES.values():
+        cfg = {"enable_cfg": False}
+        if mc.sessions:
+            cfg |= LIGHTX2V_CAUSVID
+        assert load_run_config(cfg, model_cls=mc.name).model_class is mc
+        if not mc.cfg:
+            assert f"enable_cfg = true: must be false for model_cls={mc.name}" in _error({**cfg, "enable_cfg": True},
+                                                                                         model_cls=mc.name)
+        # the CausVid frame rules apply to the classes with sessions only
+        frames = {**cfg, "num_blocks": 6}
+        if mc.sessions:
+            assert "num_frames = 21: must equal num_frame_per_block*num_blocks" in _error(frames, model_cls=mc.name)
+        else:
+            assert load_run_config(frames, model_cls=mc.name).num_blocks == 6
+    assert set(RunConfig.model_fields["model_cls"].annotation.__args__) == set(registry.NAMES)
+
+
+def test_validation_messages():
+    """The one formatter (model/validation.py) in each caller's words."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from model.validation import error_lines, format_validation_error
+
+    class Body(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompt: str
+        size: str = Field("832x480", pattern=r"^\d+x\d+$")
+        steps: int = Field(4, gt=0)
+
+    with pytest.raises(ValidationError) as e:
+        Body.model_validate({"size": "big", "steps": 0, "colour": "red"})
+    assert error_lines(e.value, messages={"extra_forbidden": "unknown key"}) == [
+        "prompt: Field required", "size = 'big': String should match pattern '^\\d+x\\d+$'",
+        "steps = 0: Input should be greater than 0", "colour = 'red': unknown key"]
+    errs = [{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()]
+    msg = format_validation_error(
+        errs, "invalid request", one_line=True, root="body", drop_loc=("body", "query", "path"), show_input=False,
+        messages={"extra_forbidden": "unknown field", "missing": "required"},
+        rewrite=lambda key, x: "expected WIDTHxHEIGHT" if x["type"] == "string_pattern_mismatch" else None)
+    assert msg == ("invalid request: prompt: required; size: expected WIDTHxHEIGHT; steps: Input should be greater "
+                   "than 0; colour: unknown field")
+    assert format_validation_error(e.value, "invalid args", hide_input=("missing", "extra_forbidden"),
+                                   messages={"extra_forbidden": "unknown key (see demo.yaml)"}).endswith(
+        "\n  colour: unknown key (see demo.yaml)")

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
-
 from helpers import dit_inputs, tiny_dit
+
+from model.archs import TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch
 from model.checkpoint import to_diffusers_dit
-from model.config import TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch
 from model.dit import WanModel, apply_rope, rope_freqs, rope_table
 
 TOL = 1e-5

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from deployments.states import TERMINAL_STATES, JobState
-from deployments.storage.jobs import JOB_ID_RE, Job, JobStore
+from deployments.storage.jobs import Job, JobStore
+from deployments.storage.results import JOB_ID_RE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -443,3 +444,39 @@ def test_delete(store):
     assert store.delete(job.id) is True
     assert store.get(job.id) is None and not list(store.results_dir.iterdir())
     assert store.delete(job.id) is False
+
+
+def test_blocks_are_counted_in_the_row(store):
+    job = running(store)
+    for i in range(3):
+        assert store.write_block(job.id, i, f"block {i}".encode()).blocks == i + 1
+    assert [p.name for p in sorted(store.results_dir.iterdir())] == [f"{job.id}.block{i:04d}.mp4" for i in range(3)]
+    assert store.files.block_path(job.id, 2).read_bytes() == b"block 2"
+    assert store.write_block(job.id, 1, b"again").blocks == 3  # a block written twice counts once
+    assert store.write_block(job.id, 0, b"stale", attempt=job.attempts + 1) is None  # fenced
+    assert store.requeue(job.id).blocks == 0 and not list(store.results_dir.iterdir())
+    again = store.claim_next(["m"])
+    assert again.blocks == 0
+    store.complete(again.id, store.write_result(again.id, b"v"))
+    assert store.write_block(again.id, 0, b"late") is None  # not running any more: nothing written
+    assert not store.files.block_path(again.id, 0).exists()
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    from deployments.storage.jobs import MIGRATIONS
+
+    with sqlite3.connect(path) as c:  # a store written before block counts existed
+        for stmt in filter(str.strip, MIGRATIONS[0].split(";")):
+            c.execute(stmt)
+        c.execute("PRAGMA user_version = 1")
+        c.execute("INSERT INTO jobs (id, kind, model, request, state, created_at) VALUES "
+                  "('vid_0123456789abcdef01234567', 'fragment', 'm', '{}', 'completed', 1.0)")
+    s = JobStore(path, tmp_path / "results")
+    assert s.get("vid_0123456789abcdef01234567").blocks == 0
+    assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS) == 2
+    s.close()
+    with sqlite3.connect(path) as c:
+        c.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(RuntimeError, match="downgrade"):
+        JobStore(path, tmp_path / "results")

@@ -294,3 +294,13 @@ def test_dockerfile_matches_ray_version(manifests):
     base = re.search(r"^ARG BASE=rayproject/ray:([0-9.]+)-py\d+-cpu$", text, re.MULTILINE)
     assert base and base.group(1) == manifests["demo"]["spec"]["rayClusterConfig"]["rayVersion"]
     assert "torch==${TORCH_VERSION}" in text and re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.MULTILINE)
+
+
+def test_every_pod_probes_readiness_not_liveness_on_the_app(manifests):
+    """Readiness is /readyz (503 until every model has a replica) on the Serve port; /healthz is no pod probe."""
+    for name, m in manifests.items():
+        port = yaml.safe_load(m["spec"]["serveConfigV2"])["http_options"]["port"]
+        for group, _, c in containers(m):
+            probe = c.get("readinessProbe")
+            assert probe and probe["httpGet"] == {"path": "/readyz", "port": port}, (name, group)
+            assert "/healthz" not in json.dumps(c.get("livenessProbe", {})), (name, group)

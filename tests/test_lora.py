@@ -4,11 +4,12 @@ Expected weights are computed here from the factors the test wrote, never throug
 """
 import pytest
 import torch
+from helpers import dit_inputs, tiny_dit
 from safetensors.torch import save_file
 
-from helpers import dit_inputs, tiny_dit
+from model.archs import TINY_I2V, TINY_T2V
 from model.checkpoint import dit_key_to_diffusers
-from model.config import TINY_I2V, TINY_T2V, LoraConfig
+from model.config import LoraConfig
 from model.lora import LoraError, merge_loras, parse_lora
 from model.paths import PathNotAllowed
 
@@ -224,6 +225,15 @@ def assert_fails_untouched(model, loras, *needles, roots=None, exc=LoraError):
         assert n in str(e.value), (n, str(e.value))
     assert_merged(before, model.state_dict(), {})
     return str(e.value)
+
+
+def test_merge_into_quantized_weights_is_refused():
+    """A LoRA added to 8-bit codes would corrupt them: merge first, quantize after."""
+    from model.quant import quantize_dit
+
+    model = quantize_dit(tiny_dit(TINY_T2V), "int8")
+    lora = (lora_file(factors(tiny_dit(TINY_T2V), ["blocks.0.self_attn.q"]), "up_down_alpha"), 1.0)
+    assert_fails_untouched(model, [lora], "blocks.0.self_attn.q.weight is torch.int8", "then quantize")
 
 
 def test_unmatched_key_is_named():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import tiny_dit
 
-from model.config import TINY_T2V
+from model.archs import TINY_T2V
 
 STALE_AFTER = 2.0
 GROUP_OPTS = dict(join_timeout=60, op_timeout=60, heartbeat_interval=0.2, stale_after=STALE_AFTER)
@@ -59,7 +59,8 @@ def pair_a(local, addr, ports, model_root, tmp):
     from model.config import load_run_config
     from model.pipeline import Request
     from parallel.group import GroupLayout, join
-    from engine.runner import ParallelRunner, load_rank_pipeline
+    from engine.rank import load_rank_pipeline
+    from engine.runner import ParallelRunner
 
     cfg = load_run_config({"target_video_length": 5, "target_height": 32, "target_width": 48, "enable_cfg": False,
                            "denoising_step_list": [1000, 750, 500, 250], "parallel": {"seq_p_size": 2}},
@@ -78,7 +79,7 @@ def pair_a(local, addr, ports, model_root, tmp):
 def pair_b(local, addr, port, tmp):
     from helpers import dit_inputs
 
-    from model.config import TINY_T2V
+    from model.archs import TINY_T2V
     from parallel.attention import SequenceParallelLayout
     from parallel.group import GroupLayout, join
 

@@ -5,7 +5,8 @@ conftest.py. (CausVid sessions: test_parallel_sessions.py.)"""
 import pytest
 from helpers import tiny_dit
 
-from model.config import TINY_T2V, load_run_config
+from model.archs import TINY_T2V
+from model.config import load_run_config
 from model.pipeline import Request, RequestError, WanPipeline
 
 CONFIG = {"model_cls": "wan2.1_distill", "task": "t2v", "target_video_length": 9, "target_height": 48,

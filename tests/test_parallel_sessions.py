@@ -19,7 +19,8 @@ import torch
 from helpers import tiny_dit, torch_threads
 
 from model.causal_pipeline import CausVidPipeline
-from model.config import TINY_T2V, load_run_config
+from model.archs import TINY_T2V
+from model.config import load_run_config
 from model.pipeline import Cancelled, Request, RequestError
 from model.tiny import write_tiny_model
 from model.video import to_uint8

@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import dit_inputs, tiny_dit
 
-from model.config import TINY_I2V, TINY_T2V, DiTArch, load_run_config
+from model.archs import TINY_I2V, TINY_T2V, DiTArch
+from model.config import load_run_config
 from model.pipeline import Cancelled, Request, RequestError, WanPipeline
 from model.tiny import write_tiny_model
 
@@ -49,7 +50,8 @@ def sp2_worker(rank, world_size, addr, port, model_root):
     from parallel.attention import SequenceParallelLayout
     from parallel.fsdp import parameter_bytes, shard_dit
     from parallel.group import GroupLayout, join
-    from engine.runner import ParallelRunner, load_rank_pipeline
+    from engine.rank import load_rank_pipeline
+    from engine.runner import ParallelRunner
 
     class UnmaskedLayout(SequenceParallelLayout):  # upstream's behaviour: padded keys attended
         def self_attention(self, q, k, v):
@@ -155,8 +157,8 @@ def test_bytes_sent_per_forward(ranks):
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_capacity_model_predicts_bytes_sent(ranks, case):
-    """The capacity model's SP volume (parallel/capacity.py) against the bytes the gloo run sent: within 5 %."""
-    from parallel.capacity import sp_bytes_per_forward
+    """The capacity model's SP volume (capacity/comm.py) against the bytes the gloo run sent: within 5 %."""
+    from capacity.comm import sp_bytes_per_forward
 
     arch = ARCHS[case[0]][0]
     shape = SHAPES[case[1]]

@@ -16,7 +16,8 @@ from test_causal_sp import OTHER, causvid_config
 from test_parallel_sp import PROMPT, WORDS, case_inputs
 
 from model.causal_pipeline import CausVidPipeline
-from model.config import TINY_T2V, load_run_config
+from model.archs import TINY_T2V
+from model.config import load_run_config
 from model.pipeline import Request, WanPipeline
 from model.tiny import write_tiny_model
 
@@ -35,7 +36,8 @@ def base_config(**parallel):
 def sp4_worker(rank, world_size, addr, port, model_root, port2):
     from parallel.attention import SequenceParallelLayout
     from parallel.group import GroupLayout, join
-    from engine.runner import ParallelRunner, load_rank_pipeline
+    from engine.rank import load_rank_pipeline
+    from engine.runner import ParallelRunner
 
     out = {"forward": {}}
     opts = dict(join_timeout=60, heartbeat_interval=0.2, stale_after=3)
@@ -46,10 +48,10 @@ def sp4_worker(rank, world_size, addr, port, model_root, port2):
             dit, kw = case_inputs(*case)
             dit.layout = SequenceParallelLayout(group)
             out["forward"][case] = dit(**kw)
-    from engine.causal_runner import CausalRunner, load_rank_causal_pipeline
+    from engine.causal_runner import CausalRunner
 
     cfg = causvid_config("padded_window", seq_p_size=4, ulysses_degree=2, ring_degree=2)
-    causal = CausalRunner(load_rank_causal_pipeline(model_root, cfg, rank), group)
+    causal = CausalRunner(load_rank_pipeline(model_root, cfg, rank), group)
     causal.open("s", PROMPT, 5)
     frames = [causal.next_fragment("s"), causal.next_fragment("s", prompt=OTHER)]
     out["causvid"] = {"latents": causal.sessions["s"].session.latents(),

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from helpers import tiny_dit
 
-from model.config import TINY_T2V, load_run_config
+from model.archs import TINY_T2V
+from model.config import load_run_config
 from model.pipeline import WanPipeline
 from model.video import read_mp4
 

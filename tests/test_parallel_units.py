@@ -1,5 +1,6 @@
 """Sequence parallelism, in one process: group layouts, local kernels with log-sum-exp, segment masking,
 bounded joining. (The multi-process numerics are in test_parallel_sp.py / test_parallel_sp4.py.)"""
+import json
 import math
 import sys
 import threading
@@ -8,7 +9,8 @@ import time
 import pytest
 import torch
 
-from model.config import ConfigError, DiTArch, load_run_config
+from model.archs import DiTArch
+from model.config import ConfigError, load_run_config
 from parallel.attention import (
     KVSegment,
     SequenceParallelAttention,
@@ -17,13 +19,19 @@ from parallel.attention import (
     merge_partial,
 )
 from parallel.group import (
+    CollectiveError,
+    Group,
     GroupError,
     GroupLayout,
+    RankFailure,
     SubGroup,
     free_port,
     host_store,
+    is_comm_error,
     join,
+    wait,
 )
+from parallel.heartbeat import Heartbeat
 
 
 def reference_attention(q, k, v, key_mask=None):
@@ -157,6 +165,92 @@ def test_rank0_picks_the_port_and_a_late_rank_is_named_by_rank0():
         join(0, 3, "127.0.0.1", store.port, store=store, join_timeout=1.5)
     th.join(10)
     assert "rank 1 did not join" in errors[2]
+
+
+# ---- failures: whose fault is it? ------------------------------------------------------------------------
+def test_own_runtime_error_that_mentions_connecting_is_this_ranks_failure():
+    """A message about connecting, raised by the rank's own code, is not the network's: the rank posts it
+    and breaks the group with its reason (the peers then name this rank, test_parallel_failures.py)."""
+    group = join(0, 1, "127.0.0.1", free_port(), heartbeat_interval=0.1, stale_after=5.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="could not connect to the cache server") as err, group.watch("job"):
+            raise RuntimeError("could not connect to the cache server")
+        assert not isinstance(err.value, RankFailure)
+        assert time.monotonic() - t0 < 2  # no wait for a peer's evidence
+        assert group.broken == "rank 0 failed: could not connect to the cache server"
+        beat = json.loads(group.store.get("wanserve/hb/0"))
+        assert beat["failed"] == "RuntimeError: could not connect to the cache server" and beat["blames"] == []
+        with pytest.raises(RankFailure, match="the group is broken"), group.watch("next job"):
+            pass
+    finally:
+        group.close()
+
+
+def test_comm_errors_are_told_by_type_and_by_where_they_were_raised():
+    import torch.distributed as dist
+
+    group = join(0, 1, "127.0.0.1", free_port(), heartbeat_interval=0.1)
+    try:
+        with pytest.raises(RuntimeError, match="invalid root rank") as gloo:  # gloo's plain RuntimeError
+            dist.broadcast(torch.zeros(3), src=3)
+        assert type(gloo.value) is RuntimeError and is_comm_error(gloo.value)
+    finally:
+        group.close()
+    assert is_comm_error(dist.DistNetworkError("Connection reset by peer"))
+    for text in ("Socket closed", "Timed out waiting", "could not connect", "NCCL error"):  # words, not a place
+        try:
+            raise RuntimeError(text)
+        except RuntimeError as e:
+            assert not is_comm_error(e), text
+    assert not is_comm_error(ValueError("gloo"))
+
+    class Work:  # a p2p op whose peer went away: gloo raises in the caller's frame
+        def wait(self):
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+    with pytest.raises(CollectiveError, match="Connection closed by peer") as p2p:
+        wait(Work())
+    assert is_comm_error(p2p.value)
+
+
+def test_an_error_while_a_peer_is_gone_is_blamed_on_the_peer():
+    """The heartbeat's evidence decides too: rank 1 posted its failure, so rank 0's error is a consequence."""
+    store = host_store(2, port=0, timeout=5)
+    hb = Heartbeat(store, 0, 2, interval=0.1)
+    hb.peers[1].update(failed="ValueError: injected fault")
+    assert hb.evidence(5.0, "h:1") == ([1], "rank 1 failed: ValueError: injected fault")
+    group = Group(0, 2, GroupLayout(ulysses=2), torch.device("cpu"), "gloo", store, "127.0.0.1", store.port,
+                  heartbeat=hb, _owns_pg=False)
+    assert group.peer_gone()
+    with pytest.raises(RankFailure, match="rank 1 failed: ValueError: injected fault") as err, group.watch("job"):
+        raise RuntimeError("tensor on a closed connection")
+    assert err.value.ranks == [1] and json.loads(store.get("wanserve/hb/0"))["blames"] == [1]
+    hb.peers[1].update(failed=None)  # no evidence left: rank 0's own error would be its own failure
+    assert hb.evidence(5.0, "h:1") is None and not group.peer_gone()
+
+
+def test_nccl_teardown_aborts_each_group_once_and_logs_what_failed(caplog):
+    """The NCCL branch of teardown (no GPU here: fake groups): sub-groups newest first, each once; one that
+    cannot be aborted is logged and the others are still aborted."""
+    from parallel.group import _abort_nccl
+
+    calls = []
+
+    class PG:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def abort(self):
+            calls.append(self.name)
+            if self.fail:
+                raise RuntimeError("NCCL communicator already aborted")
+
+    sp, ulysses, ring = PG("sp"), PG("ulysses", fail=True), PG("ring")
+    with caplog.at_level("WARNING", logger="parallel.group"):
+        _abort_nccl(3, [sp, None, ulysses, ring, sp])  # world: not initialized here, so skipped
+    assert calls == ["sp", "ring", "ulysses"]
+    assert "rank 3: aborting a NCCL process group failed (NCCL communicator already aborted)" in caplog.text
 
 
 def test_no_cuda_library_is_imported_on_cpu():

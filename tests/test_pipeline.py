@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import dit_inputs, tiny_dit
 from safetensors.torch import save_file
 
-from helpers import tiny_dit
-from model.checkpoint import CheckpointError
-from model.config import TINY_I2V, TINY_T2V, ConfigError, load_run_config
-from model.pipeline import Cancelled, Request, RequestError, WanPipeline, i2v_mask
+from model.archs import TINY_I2V, TINY_T2V
+from model.checkpoint import CheckpointError, load_state_dict
+from model.config import ConfigError, load_run_config
+from model.dit import WanModel
+from model.pipeline import Cancelled, Request, RequestError, WanPipeline, check_prompt, i2v_mask
 from model.quant import QuantLinear
 from model.tiny import write_tiny_model
 from model.video import read_mp4
@@ -149,6 +151,27 @@ def test_bad_requests(t2v_root, kw, msg):
         pipe.generate(**args)
 
 
+def test_check_prompt_rules():
+    assert check_prompt("a cat", 5) == "a cat"  # exactly at the limit
+    for bad, msg in [("", "prompt must not be empty"), (" \n\t", "prompt must not be empty"),
+                     ("abcdef", "prompt is 6 characters; at most 5"), (None, "prompt must be a string, got NoneType"),
+                     (["a"], "prompt must be a string, got list")]:
+        with pytest.raises(RequestError, match=msg):
+            check_prompt(bad, 5)
+    with pytest.raises(RequestError, match="negative_prompt must not be empty"):
+        check_prompt("", 5, "negative_prompt")
+
+
+def test_configured_prompt_limit(t2v_root):
+    """max_prompt_chars is the limit WanPipeline.check applies (the Serve app passes its own in)."""
+    pipe = pipe_for(t2v_root, "wan2.1_distill", {**DISTILL, "max_prompt_chars": 8})
+    assert pipe.check(Request("12345678")).prompt == "12345678"
+    with pytest.raises(RequestError, match="prompt is 9 characters; at most 8"):
+        pipe.check(Request("123456789"))
+    with pytest.raises(ConfigError, match="max_prompt_chars = 0"):
+        load_run_config({"max_prompt_chars": 0})
+
+
 def test_i2v_needs_image(i2v_root):
     pipe = pipe_for(i2v_root, "wan2.1_distill", DISTILL, task="i2v")
     with pytest.raises(RequestError, match="needs an image"):
@@ -181,9 +204,49 @@ def test_lora_configs_load_base_and_merge(t2v_root, tmp_path):
 
 
 def test_quantized_on_load(t2v_root):
+    """dit_quantized without a pre-quantized file: the student's block linears quantized on load. Its forward
+    equals the same weights dequantized into a plain fp32 DiT (CPU dequantizes q * scale in fp32, so the
+    stated tolerance, 1e-6 absolute, is float summation order at most), the codes are the per-row formula
+    of the student file, and the output stays within the int8 bound of tests/test_quant.py (2e-2 rel-L2)."""
     pipe = pipe_for(t2v_root, "wan2.1_distill", {**DISTILL, "dit_quantized": True, "dit_quant_scheme": "int8-vllm"})
-    assert isinstance(pipe.dit.blocks[0].self_attn.q, QuantLinear)
+    arch = pipe.dit.arch
+    student = load_state_dict(t2v_root / "distill_models" / "distill_model.safetensors")
+    layers = {n: m for n, m in pipe.dit.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 10 * arch.num_layers
+    dequantized = WanModel(arch)
+    sd = {k: v.float() for k, v in pipe.dit.state_dict().items() if not k.endswith(".weight_scale")}
+    for name, m in layers.items():
+        w = student[f"{name}.weight"]
+        s = torch.clamp(w.abs().amax(dim=1, keepdim=True), min=1e-5) / 127
+        assert torch.equal(m.weight, torch.clamp(torch.round(w / s), -127, 127).to(torch.int8)), name
+        sd[f"{name}.weight"] = m.weight.float() * m.weight_scale
+    dequantized.load_state_dict(sd)
+    plain = WanModel(arch)
+    plain.load_state_dict(student)
+    kw = dit_inputs(arch)
+    with torch.no_grad():
+        out, ref, full = pipe.dit(**kw), dequantized(**kw), plain(**kw)
+    assert (out - ref).abs().max().item() <= 1e-6
+    assert 0 < ((out - full).norm() / full.norm()).item() < 2e-2
     assert pipe.generate("a red square", seed=1).video.shape == (3, 5, 32, 48)
+
+
+def test_encoders_quantized_on_load(i2v_root):
+    """t5_quantized / clip_quantized are honoured: the encoders' block linears are 8-bit (their numerics:
+    tests/test_encoders.py) and a config naming a pre-quantized encoder file is refused, not ignored."""
+    cfg = {**DISTILL, "t5_quantized": True, "t5_quant_scheme": "fp8-sgl", "clip_quantized": True,
+           "clip_quant_scheme": "int8-vllm"}
+    pipe = pipe_for(i2v_root, "wan2.1_distill", cfg, task="i2v")
+    t5 = [m.scheme for m in pipe.text_encoder.model.modules() if isinstance(m, QuantLinear)]
+    clip = [m.scheme for m in pipe.image_encoder.model.modules() if isinstance(m, QuantLinear)]
+    assert t5 == ["fp8"] * 14 and clip == ["int8"] * 12  # tiny umT5: 2 blocks x 7; tiny CLIP: 2 blocks x 6
+    assert not any(isinstance(m, QuantLinear) for m in pipe.dit.modules())
+    assert pipe.generate("a red square", image=np.full((32, 48, 3), 90, np.uint8)).video.shape == (3, 5, 32, 48)
+    for bad, msg in [({"t5_quantized": True}, "t5_quantized = true: needs t5_quant_scheme"),
+                     ({"clip_quant_scheme": "int8"}, "clip_quant_scheme = 'int8': set clip_quantized = true"),
+                     ({"t5_quantized_ckpt": "t5.safetensors"}, "pre-quantized T5 files are not supported")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_run_config({**DISTILL, **bad}, model_cls="wan2.1_distill")
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------

@@ -7,14 +7,15 @@ becomes int8/fp8 + `<key>_scale` [out, 1]; everything else stays float in `non_l
 """
 import pytest
 import torch
+from helpers import dit_inputs, tiny_dit
 from safetensors.torch import save_file
 
-from helpers import dit_inputs, tiny_dit
+from model.archs import TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_14B
 from model.checkpoint import CheckpointError, save_sharded
-from model.config import QUANT_SCHEMES, TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_14B
+from model.config import QUANT_SCHEMES
 from model.dit import Linear, WanModel
-from model.quant import (QuantLinear, load_quantized_dit, normalize_scheme, quantize_dit, quantized_state_dict,
-                         weight_bytes)
+from model.loader import load_quantized_dit
+from model.quant import QuantLinear, normalize_scheme, quantize_dit, quantized_state_dict, weight_bytes
 
 ARCHS = pytest.mark.parametrize("arch", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
 SCHEMES = pytest.mark.parametrize("scheme", ["int8-vllm", "fp8-sgl"])

@@ -119,6 +119,9 @@ def test_models_health_openapi(env, api):
     assert all(m["replicas"] == 1 for m in models["data"])
     health = api.get("/healthz", headers={"Authorization": ""}).json()  # open without a token
     assert health["status"] == "ok"
+    assert health["ready"] is True and health["models"] == {"fast": 1, "slow": 1, "i2v": 1}
+    ready = api.get("/readyz", headers={"Authorization": ""})  # every model has its replica
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "waiting_for": []}
     spec = api.get("/openapi.json").json()
     assert {"/v1/videos", "/v1/videos/{video_id}/content", "/v1/sessions", "/v1/tasks/video"} <= set(spec["paths"])
     assert "VideoCreate" in spec["components"]["schemas"]

@@ -15,7 +15,7 @@ from deployments.config import ArgsError, parse_args, parse_size, retry_after_s
 from deployments.states import JobState
 from deployments.storage.jobs import JobStore
 from deployments.policy import backlog_policy
-from deployments.router.service import overall_percent
+from deployments.router.jobs import overall_percent
 from deployments.storage.sessions import SessionStore, new_session_id
 from deployments.replica.sessions import SessionManager
 
@@ -55,7 +55,7 @@ def test_bad_args_say_which_key(args, says):
 
 def test_build_app_checks_configs_and_deployment_options():
     from deployments.app import build_app
-    from deployments.replica.generator import generator_deployment
+    from deployments.replica.deployment import generator_deployment
 
     with pytest.raises(ArgsError, match="config file not found"):
         build_app(with_(model_config_json="configs/none.json"))
@@ -72,7 +72,12 @@ def test_build_app_checks_configs_and_deployment_options():
     assert dc.max_ongoing_requests == 8 and dc.autoscaling_config.max_replicas == 3
     assert dc.autoscaling_config.policy.policy_function == "deployments.policy:backlog_policy"
     assert "PinnedRouter" in str(dc.request_router_config.request_router_class)
-    assert build_app(BASE) is not None
+    app = build_app(BASE)  # the graph: one Router ingress bound to one generator deployment per model
+    router = app._bound_deployment
+    assert router.name == "Router" and router.num_replicas == 1 and router.ray_actor_options["num_cpus"] == 0
+    (args,) = router.init_args
+    assert args["models"][0]["name"] == "m" and args["state_dir"] == "/tmp/x"
+    assert {k: v._bound_deployment.name for k, v in router.init_kwargs.items()} == {"m": "Generator-m"}
 
 
 @pytest.mark.parametrize("name", ["demo", "wan21-14b"])
@@ -243,7 +248,7 @@ def test_overall_progress_is_monotone_over_a_job():
 
 
 def test_client_error_carries_the_servers_message():
-    from deployments.client import _error
+    from deployments.client.http import _error
 
     e = _error(429, {"Retry-After": "7"}, b'{"error": {"message": "the queue is full", "code": "queue_full"}}')
     assert e.status == 429 and e.message == "the queue is full" and e.code == "queue_full" and e.retry_after == 7

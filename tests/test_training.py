@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import randomize, torch_threads
 
+from model.archs import DiTArch
 from model.causal import CausalDiT
 from model.causal_pipeline import CausVidPipeline
-from model.config import DiTArch, load_run_config
+from model.config import load_run_config
 from model.dit import WanModel
 from model.pipeline import WanPipeline
 from model.schedulers import EulerFlowScheduler, StepDistillScheduler

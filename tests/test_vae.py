@@ -15,8 +15,9 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from model.archs import VaeArch
 from model.checkpoint import VAE_FILE, CheckpointError, ModelFolder
-from model.config import ConfigError, VaeArch
+from model.config import ConfigError
 from model.vae import WanVAE, arch_from_diffusers_config, convert_vae_official, vae_config, vae_key
 
 TINY = VaeArch(base_dim=8, z_dim=4, latents_mean=(0.3, -0.5, 1.2, 0.0), latents_std=(2.0, 0.5, 1.5, 3.0))

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model.config import ComponentArchs, DiTArch, T5Arch, VaeArch, shift_sigma
+from model.archs import ComponentArchs, DiTArch, T5Arch, VaeArch
+from model.config import shift_sigma
 from model.tiny import TINY_CLIP, random_weights, t5_official_shapes, word_tokenizer
 
 from .data import GRAMMAR_WORDS

@@ -1,25 +1,9 @@
 """Synthetic training clips: one coloured shape moving in a straight line on a plain background.
 
-Every clip comes with a prompt from a small grammar that a program can check
-(`training/quality.py`):
-
-    "a {colour} {shape} moving {direction} on a {background} background"
-
-    colours/backgrounds: red green blue yellow white black   (the background differs from the shape)
-    shapes:              square circle triangle
-    directions:          left right up down
-
-6 x 5 x 3 x 4 = 360 prompts. A clip is fully determined by its seed (`sample_spec(seed)` then
-`render(spec)`); the size (26-32 px), start position and speed (18-26 px over the clip) vary within ranges
-chosen so the shape stays inside the frame for the whole clip. The shapes are large because what tells a
-square from a circle or a triangle is its corners, and the tiny VAE (8x spatial compression) rounds them:
-at 17-23 px its reconstructions were blobs (the first VAE phases trained on that range, see README).
-
-Resolution: 64x64 pixels, 17 frames (1 + 4*4, as the causal VAE needs) -> latents 5 x 8 x 8. At 64x64 the
-shapes are large enough to be told apart in a contact sheet and by the metric after a VAE round trip and
-H.264 (yuv420) compression; 17 frames at 16 fps is one second of clearly visible motion.
-With the DiT's patch (1, 1, 1) this is 5*64 = 320 tokens, enough work per DiT call that the DiT dominates
-a request (see training/README.md); 21 frames would cost 20 % more training for nothing the metric needs.
+Every clip comes with a prompt from a small grammar a program can check (training/quality.py),
+"a {colour} {shape} moving {direction} on a {background} background": 360 prompts. A clip is fully
+determined by its seed (`sample_spec(seed)` then `render(spec)`), 64x64 pixels and 17 frames (latents
+5 x 8 x 8). The grammar, the size and speed ranges and why this resolution: ARCHITECTURE.md.
 """
 from __future__ import annotations
 

@@ -18,13 +18,15 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
+from model import registry
+
 from .common import DEMO_MODEL, ROOT
 from .quality import score
 
 CONFIGS = {
-    "teacher": ("wan2.1", "configs/tiny/base_t2v.json"),
-    "distill": ("wan2.1_distill", "configs/tiny/distill_t2v.json"),
-    "causal": ("wan2.1_causvid", "configs/tiny/demo_causvid_t2v.json"),
+    "teacher": (registry.BASE.name, "configs/tiny/base_t2v.json"),
+    "distill": (registry.DISTILL.name, "configs/tiny/distill_t2v.json"),
+    "causal": (registry.CAUSVID.name, "configs/tiny/demo_causvid_t2v.json"),
 }
 DEFAULT_PROMPTS = (
     "a red square moving right on a blue background",
@@ -37,15 +39,17 @@ def load_pipeline(variant: str, model: Path, device: str = "cpu"):
     from model.config import load_run_config
     model_cls, config = CONFIGS[variant]
     cfg = load_run_config(ROOT / config, model_cls=model_cls, task="t2v")
-    if variant == "causal":
-        from model.causal_pipeline import CausVidPipeline
-        return CausVidPipeline.from_pretrained(model, cfg, device=device)
-    from model.pipeline import WanPipeline
-    return WanPipeline.from_pretrained(model, cfg, device=device)
+    return cfg.model_class.pipeline_class().from_pretrained(model, cfg, device=device)
+
+
+def skipped(variant: str, model: Path) -> bool:
+    """The causal student is optional in a model folder: its variant is skipped when its folder is absent."""
+    mc = registry.model_class(CONFIGS[variant][0])
+    return mc.sessions and not (model / mc.student[0]).is_dir()
 
 
 def generate(pipe, variant: str, prompt: str, seed: int):
-    if variant == "causal":
+    if pipe.cfg.model_class.sessions:
         return pipe.generate(prompt, seed=seed, num_fragments=1)
     return pipe.generate(prompt, seed=seed)
 
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     rows, results = [], []
     for variant in CONFIGS:
-        if variant in args.skip or (variant == "causal" and not (model / "causvid_models").is_dir()):
+        if variant in args.skip or skipped(variant, model):
             continue
         pipe = load_pipeline(variant, model)
         for i, prompt in enumerate(prompts):

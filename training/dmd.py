@@ -1,23 +1,9 @@
 """Stage 6: DMD step distillation of the 4-step bidirectional student (Self-Forcing / DMD2 recipe).
 
-Three DiTs of the same architecture:
-  real score  the frozen teacher, with CFG in the reference's code form  real = cond + s * (cond - uncond)
-              (s = guidance; standard CFG scale w = 1 + s; uncond = Wan's default negative prompt, as the
-              pipeline's CFG branch encodes it);
-  fake score  the critic, initialised from the teacher, trained with flow matching on generator samples;
-  generator   the student, initialised from the ODE-regression checkpoint.
-
-Generator rollout = the inference sampler: LightX2V's deterministic 4-step schedule ([1000, 750, 500, 250],
-shift 5: sigma 1, .9375, .8333, .625; x0 = x - s v, x_next = x0 + s_next v). A random exit step k ~ U{0..3}
-(one per batch, as Self-Forcing's same_step_across_blocks): steps before k run without gradient, the x0
-predicted at step k is the sample and carries the gradient.
-
-Losses (reference model/dmd.py):
-  t ~ U[0.02, 0.98) shifted by 5 (the clamp to [20, 980]);  x_t = (1 - s) x + s eps
-  grad   = (fake_x0(x_t) - real_x0(x_t)) / mean|x - real_x0|        (per sample)
-  loss_G = 0.5 * mse(x, (x - grad).detach())
-  loss_D = mse(critic_v(x_t), eps - x)                             (x from a no-grad rollout)
-One generator update per 5 critic updates, grad-norm clip 10, AdamW betas (0, 0.999), weight decay 0.01.
+Three DiTs of one architecture: the frozen teacher with CFG (real score), a critic trained with flow
+matching on generator samples (fake score), and the generator, started from the ODE-regression checkpoint,
+whose rollout is the inference sampler with a random exit step. The losses and hyper-parameters:
+ARCHITECTURE.md.
 
     python -m training dmd --gen-steps 300
 """

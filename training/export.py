@@ -1,21 +1,10 @@
 """Stage 9: write demo_model/ in the official Wan2.1 layout (model/tiny.py `write_tiny_model`).
 
-    demo_model/
-      config.json, diffusion_pytorch_model.safetensors      teacher DiT (bf16)
-      distill_models/distill_model.safetensors              4-step student (bf16)
-      causvid_models/causal_model.safetensors               causal student (bf16)
-      Wan2.1_VAE.pth                                        VAE (official keys, fp32)
-      models_t5_umt5-xxl-enc-bf16.pth                       frozen random umT5 (official keys, fp32)
-      google/umt5-xxl/tokenizer.json                        word-level tokenizer of the grammar
-      wanserve.json                                         the small architectures (incl. latents mean/std)
-      TRAINING.json                                         provenance: stages, steps, times, losses
-
-DiTs are stored in bf16 (the loaders cast to the compute dtype), which keeps the folder under 30 MB; the
-benchmarks measure the stored weights. By default the 4-step student is the DMD student if that stage ran,
-else the ODE-regression one, and the causal student the Self-Forcing one, else the causal ODE-regression
-one; `--distill-from` / `--causal-from` pick a stage (the shipped folder: the ODE-regression students, which
-scored higher than the DMD ones, see training/README.md). `--distill ema|state` picks a DMD generator's
-EMA or its raw weights (ODE-regression students are EMAs).
+Teacher, 4-step student and causal student as bf16 DiTs (the loaders cast to the compute dtype; the folder
+stays under 30 MB), the VAE, the frozen random umT5, the grammar's tokenizer, wanserve.json and
+TRAINING.json (provenance). `--distill-from` / `--causal-from` pick the stage of each student and
+`--distill ema|state` a DMD generator's EMA or raw weights. The folder's files and the defaults:
+ARCHITECTURE.md.
 
     python -m training export
 """
@@ -29,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import VaeArch
+from model.archs import VaeArch
 from model.tiny import write_tiny_model
 
 from .common import (

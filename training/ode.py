@@ -1,17 +1,9 @@
 """Stages 4-5: ODE-pair initialisation of the 4-step student (CausVid / Self-Forcing `ode_regression`).
 
-ode-pairs: the teacher integrates the probability-flow ODE with CFG from Gaussian noise: 48 Euler steps
-  on the shift-5 grid with CFG scale 1 + guidance (Self-Forcing's generate_ode_pairs: 48 steps, indices
-  [0, 12, 24, 36, -1]). On the shift-5 grid those indices are exactly sigma = 1, .9375, .8333, .625, the
-  four sigmas of the student schedule [1000, 750, 500, 250]; we store the latents there and the clean
-  endpoint. Prompts are drawn uniformly from the grammar; one shard per batch, so the stage resumes.
-
-ode-init: the student (initialised from the teacher) regresses the endpoint x0* from a point at one of its
-  four sigmas (random per sample): loss = mse(x_s - s * v(x_s), x0*). The input is the teacher's trajectory
-  point (as the reference) or, for half of the samples by default (`--inputs mix`), the point
-  (1 - s) x0* + s eps on the straight line from the initial noise to x0*: that is exactly what the
-  deterministic LightX2V sampler feeds the student at step i when its earlier x0 predictions are right
-  (x_{i+1} = x0 + s_{i+1} (x_i - x0) / s_i), so the student is trained on the inputs it will see.
+ode-pairs: the teacher integrates the probability-flow ODE with CFG from noise, and the latents at the
+student's four sigmas plus the clean endpoint are stored (one shard per batch, so the stage resumes).
+ode-init: the student regresses the endpoint from a point at one of its sigmas, on the teacher's trajectory
+or on the straight line the deterministic sampler feeds it. Details: ARCHITECTURE.md.
 
     python -m training ode-pairs --pairs 512
     python -m training ode-init --steps 600

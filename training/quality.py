@@ -1,26 +1,10 @@
 """Prompt adherence of a generated clip: which shape, colour and motion the video shows, against its prompt.
 
-Classical computer vision with numpy only, for the synthetic grammar of `training/data.py`:
-
-1. background colour: the median colour of the 3-pixel border over all frames;
-2. foreground mask per frame: pixels whose colour is far from the background (RGB distance > 60), cleaned
-   to the largest 4-connected component;
-3. colour: the median colour of the (eroded) foreground pixels over all frames, named by the nearest
-   palette entry;
-4. shape: per frame, inside the mask's bounding box, the width ratio (row at 25 % of the height over row at
-   75 %: 1/3 for an apex-up triangle, 1 for a square or a circle) and the corner fill (mask coverage of the
-   four corner cells of 20 % x 20 % of the box: ~1 for a square, ~0.1 for a circle); medians over frames.
-   width ratio < 0.7 -> triangle, else corner fill > 0.4 -> square, else circle. The thresholds sit between
-   the ideal values, nearer the rounded side: a VAE decoder rounds corners (decoded squares of the demo VAE
-   have corner fill 0.47-0.8, decoded circles <= 0.27, decoded triangles width ratio 0.46-0.58). The fill
-   ratio (area / box) is reported too;
-5. direction: a least-squares line through the mask centroids over time; the larger of |dx|, |dy| of the
-   displacement it implies over the clip names the direction (image y grows downwards, so -dy is "up").
-   Under 4 pixels of displacement the clip counts as static (every direction wrong).
-
-`score(video, prompt)` returns the detected attributes and which are right. Adherence over a set of clips is
-the mean fraction of the three prompted attributes (shape, colour, direction) that are right; "full" is the
-fraction of clips with all three right. The background is detected and reported too ("all4").
+Classical computer vision with numpy only, for the synthetic grammar of training/data.py: background from
+the border, the largest foreground component, its colour, its shape (width ratio and corner fill, with
+thresholds that allow for a VAE's rounded corners) and its direction (a line through the centroids).
+`score(video, prompt)` returns the detected attributes and which are right; adherence is the mean fraction
+of (shape, colour, direction) right, "full" all three. The steps and thresholds: ARCHITECTURE.md.
 
     python -m training.quality out/clip.mp4 "a red square moving left on a blue background"
 """

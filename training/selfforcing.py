@@ -1,23 +1,9 @@
 """Stages 7-8: the causal (CausVid) student, trained Self-Forcing style.
 
 The causal student is the same WanModel run block-causally by model/causal.py (`CausalDiT`): blocks of one
-latent frame (17 frames -> 5 latent frames -> 5 blocks of 64 tokens), each denoised in the 4 steps of the
-bidirectional student ([1000, 750, 500, 250] warped with shift 5, LightX2V's deterministic re-noising: the
-config `configs/tiny/demo_causvid_t2v.json` says so), then run once more clean at t = 0 to leave its K/V in
-the cache for the blocks after it. It starts from the bidirectional DMD student.
-
-causal-ode: CausVid's ODE regression under the block-causal mask (`CausalDiT.forward_full`): every block of
-  an ODE pair (training/ode.py) independently gets one of the four student sigmas or is clean context
-  (t = 0, probability 1/4); loss = mse(x0 predicted, teacher endpoint) on the noisy blocks.
-
-causal: Self-Forcing DMD. The generator rollout is the inference loop over the KV cache (`causal_rollout`):
-  one exit step k ~ U{0..3} shared by all blocks; per block, steps before k run without gradient, step k
-  with gradient and its x0 is the block's output; then the clean cache pass (no gradient), so no gradient
-  flows through the cache into earlier blocks. While a block is denoised its queries read the cached
-  frames before it plus its own K/V (what `cache_attention` does, without writing the noisy K/V into the
-  cache: the same attention, and no in-place write into tensors the backward needs). The DMD and critic
-  losses are those of training/dmd.py on the whole 5-frame output, with the bidirectional teacher as real
-  score (asymmetric distillation) and a critic initialised from the bidirectional DMD critic.
+latent frame, each denoised in the bidirectional student's 4 steps and then run clean at t = 0 to leave its
+K/V in the cache. causal-ode: CausVid's ODE regression under the block-causal mask; causal: Self-Forcing DMD
+whose generator rollout is the inference loop over the KV cache. Details: ARCHITECTURE.md.
 
     python -m training causal-ode --steps 400
     python -m training causal --gen-steps 200

@@ -1,15 +1,9 @@
 """Stage 1: train the tiny Wan VAE (diffusers AutoencoderKLWan) as an autoencoder on the synthetic clips.
 
-Encode and decode go through the chunked causal path (first frame, then 4-frame chunks, feature caches
-carried between chunks) exactly as at inference; gradients flow through the caches. Training clips are
-whole 17-frame clips: with 9-frame windows the decoder never saw a cache carried over more than one chunk
-and the colours of frames 12-16 drifted. Loss: L1 + MSE on pixels (the shape's pixels weighted 10x) + a
-small KL on the posterior (z is sampled, so the decoder learns to tolerate slightly wrong latents, which is
-what a DiT produces). The decoder's output is taken before diffusers' final clamp to [-1, 1]
-(`decode_unclamped`).
-
-After training, latents_mean / latents_std are the per-channel statistics of the posterior mean over 512
-full clips; they go into the VAE config (wanserve.json), so the DiT sees unit-scale latents.
+Encode and decode go through the chunked causal path exactly as at inference, on whole 17-frame clips
+(gradients flow through the feature caches); the loss weights the shape's pixels and adds a small KL. After
+training, latents_mean / latents_std (posterior-mean statistics over 512 clips) go into wanserve.json so the
+DiT sees unit-scale latents. Why each choice: ARCHITECTURE.md.
 
     python -m training vae --steps 1600 --batch 4
 """
@@ -149,7 +143,7 @@ def train(args) -> Path:
 
 
 def load_trained_vae(path: Path | None = None, device: str | torch.device = "cpu") -> WanVAE:
-    from model.config import VaeArch
+    from model.archs import VaeArch
     ck = torch.load(Path(path or OUT / STAGE / "vae_final.pt"), weights_only=True, map_location="cpu")
     return WanVAE.build(VaeArch(**ck["arch"]), ck["state"], device=device)
 

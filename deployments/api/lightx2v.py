@@ -1,14 +1,10 @@
-"""LightX2V's task API (`python -m lightx2v.server`), so its users can point their clients here.
+"""LightX2V's task API (`python -m lightx2v.server`) mapped onto wanserve's jobs, so its clients work here.
 
-Same routes and bodies as lightx2v/server/api/tasks/*.py and service_routes.py, mapped onto wanserve's
-jobs: task_id = job id; states pending / processing / completed / failed / cancelled = queued /
-in_progress / completed / failed / cancelled. Differences, on purpose:
-- `image_path` is base64 or a path *relative to a configured image root*; URLs are not fetched and an
-  absolute path outside the roots is refused (LightX2V opens any local path a client names).
-- `save_result_path` is never written: results are named by task id and fetched with /result.
-- `infer_steps` is ignored (the model's step list is used), as LightX2V's distill models do.
-- A full queue answers 429 with Retry-After (LightX2V: 503), like every other wanserve route.
-- `target_height` / `target_width` and `model` may be given; otherwise the model's defaults.
+Same routes and bodies as lightx2v/server/api/tasks/*.py and service_routes.py; task_id = job id; its state
+names are schemas.TASK_STATES. Differences, on purpose: `image_path` is base64 or a path under a configured
+image root (no URLs, no arbitrary local paths); `save_result_path` is never written (fetch /result);
+`infer_steps` is ignored (the model's step list is used, as LightX2V's distill models do); a full queue is
+429 + Retry-After (LightX2V: 503); `target_height` / `target_width` / `model` may be given.
 """
 from __future__ import annotations
 
@@ -18,14 +14,12 @@ import datetime as dt
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
-from .errors import ApiError, bad_request
-from ..states import JobState
-from .schemas import QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus
 from ..router.service import Service
-
-STATE_NAMES = {JobState.queued: "pending", JobState.in_progress: "processing", JobState.completed: "completed",
-               JobState.failed: "failed", JobState.cancelled: "cancelled"}
-MP4 = {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "mp4 video"}
+from ..states import JobState
+from .errors import ApiError, bad_request
+from .requests import submit_video
+from .schemas import (MP4, TASK_STATES, QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse,
+                      TaskStatus, errors)
 
 
 def _iso(t: float | None) -> str | None:
@@ -33,18 +27,16 @@ def _iso(t: float | None) -> str | None:
 
 
 def task_status(job) -> dict:
-    return {"task_id": job.id, "status": STATE_NAMES[job.state], "start_time": _iso(job.started_at or job.created_at),
+    return {"task_id": job.id, "status": TASK_STATES[job.state], "start_time": _iso(job.started_at or job.created_at),
             "end_time": _iso(job.finished_at), "error": job.error,
             "save_result_path": f"{job.id}.mp4" if job.state is JobState.completed else None,
             "progress": job.progress}
 
 
-def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, common: tuple) -> None:
+def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, common: tuple) -> None:
     deps = guarded
 
     async def create(req: TaskRequest, image: bytes | str | None) -> dict:
-        from .app import submit_video
-
         if req.target_video_length is not None and req.num_fragments > 1:
             raise bad_request("give num_fragments (CausVid) or target_video_length, not both", "num_fragments")
         body = {"prompt": req.prompt, "model": req.model, "negative_prompt": req.negative_prompt or None,
@@ -94,7 +86,7 @@ def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, commo
              responses=errors(*common))
     async def queue_status():
         queued = await asyncio.to_thread(svc.store.queue_depth)
-        running = svc.running_ids()
+        running = svc.jobs.running_ids()
         cap = svc.args.max_queued_jobs
         return {"is_processing": bool(running), "current_task": running[0] if running else None,
                 "pending_count": queued, "active_count": queued + len(running), "queue_size": cap,
@@ -103,20 +95,20 @@ def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, commo
     @app.get("/v1/tasks/{task_id}/status", response_model=TaskStatus, dependencies=deps, tags=["lightx2v"],
              responses=errors(404, *common))
     async def get_task(task_id: str):
-        return task_status(await svc.job(task_id))
+        return task_status(await svc.jobs.job(task_id))
 
     @app.get("/v1/tasks/{task_id}/result", response_class=FileResponse, dependencies=deps, tags=["lightx2v"],
              responses={200: MP4, **errors(404, 409, 410, *common)})
     async def task_result(task_id: str):
-        path = await svc.result_path(task_id)
+        path = await svc.jobs.result_path(task_id)
         return FileResponse(path, media_type="video/mp4", filename=f"{task_id}.mp4")
 
     @app.delete("/v1/tasks/all/running", response_model=StopTaskResponse, dependencies=deps, tags=["lightx2v"],
                 responses=errors(*common))
     async def stop_all():
-        ids = svc.running_ids() + [j.id for j in await asyncio.to_thread(svc.store.list, 1000, None, None, "queued")]
+        ids = svc.jobs.running_ids() + [j.id for j in await asyncio.to_thread(svc.store.list, 1000, None, None, "queued")]
         for jid in ids:
-            await svc.cancel(jid)
+            await svc.jobs.cancel(jid)
         return {"stop_status": "success", "reason": f"{len(ids)} task(s) cancelled."}
 
     @app.delete("/v1/tasks/{task_id}", response_model=StopTaskResponse, dependencies=deps, tags=["lightx2v"],
@@ -125,14 +117,14 @@ def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, commo
         job = await asyncio.to_thread(svc.store.get, task_id)
         if job is None or job.terminal:
             return {"stop_status": "do_nothing", "reason": "Task not found or already completed."}
-        await svc.cancel(task_id)
+        await svc.jobs.cancel(task_id)
         return {"stop_status": "success", "reason": "Task stopped successfully."}
 
     @app.get("/v1/service/status", response_model=ServiceStatus, dependencies=deps, tags=["lightx2v"],
              responses=errors(*common))
     async def service_status():
         counts = await asyncio.to_thread(svc.store.counts)
-        running = svc.running_ids()
+        running = svc.jobs.running_ids()
         return {"service_status": "busy" if running else "idle", "current_task": running[0] if running else None,
                 "active_tasks": running, "pending_tasks": counts[JobState.queued],
                 "queue_size": svc.args.max_queued_jobs, "total_tasks": sum(counts.values()),
@@ -140,6 +132,6 @@ def add_lightx2v_routes(app: FastAPI, svc: Service, guarded: list, errors, commo
 
     @app.get("/v1/service/metadata", dependencies=deps, tags=["lightx2v"], responses=errors(*common))
     async def service_metadata() -> dict:
-        models = await asyncio.to_thread(svc.models)
+        models = await svc.models()
         return {"server": "wanserve", "models": models["data"], "loras": models["loras"],
                 "max_queue_size": svc.args.max_queued_jobs}

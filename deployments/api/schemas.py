@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+from engine.tiers import Tier
+
+from ..states import JobKind, JobState, SessionStatus
+
 SIZE_PATTERN = r"^\s*[0-9]{1,5}\s*[xX*]\s*[0-9]{1,5}\s*$"
 MAX_SEED = 2**63 - 2
 
@@ -66,9 +69,9 @@ class VideoJob(BaseModel):
 
     id: str
     object: Literal["video"] = "video"
-    kind: Literal["video", "fragment"] = "video"
+    kind: JobKind = JobKind.video
     model: str
-    status: JobStatus
+    status: JobState
     progress: int = Field(ge=0, le=100)
     stage: str | None = None
     step: int = 0
@@ -134,10 +137,22 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+    """GET /healthz: liveness (always 200 while the router answers) and the state at a glance."""
+
+    status: Literal["ok", "degraded"] = Field(description="degraded: a model has no running replica")
+    ready: bool = Field(description="every model has a running replica (GET /readyz answers 200)")
     models: dict[str, int] = Field(description="running replicas per model")
     queued: int
     running: int
+    loop_errors: dict[str, int] = Field(default_factory=dict, description="items the router's policy loops failed "
+                                        "on since it started, by loop (also wanserve_housekeeping_errors_total)")
+
+
+class Ready(BaseModel):
+    """GET /readyz: 200 when every model has a running replica, else 503 naming the ones without."""
+
+    ready: bool
+    waiting_for: list[str] = Field(default_factory=list, description="models without a running replica")
 
 
 class SessionCreate(BaseModel):
@@ -157,7 +172,7 @@ class SessionObject(BaseModel):
     id: str
     object: Literal["session"] = "session"
     model: str
-    status: Literal["active", "idle", "evicted", "closed", "lost"]
+    status: SessionStatus
     prompt: str
     seed: int
     size: str
@@ -168,7 +183,7 @@ class SessionObject(BaseModel):
     latent_frames: int = 0
     cache_bytes: int = 0
     memory_bytes: int = 0
-    tier: str | None = Field(None, description="where the cache is: active (compute device) or idle (CPU memory); "
+    tier: Tier | None = Field(None, description="where the cache is: active (compute device) or idle (CPU memory); "
                                               "None when no replica holds it (it is rebuilt on its next call)")
     replica: str | None = None
     jobs: list[str] = Field(default_factory=list, description="the session's fragment jobs, oldest first")
@@ -182,6 +197,9 @@ class Deleted(BaseModel):
 
 
 # ---- LightX2V's task API (lightx2v/server/schema.py) --------------------------------------------------
+TASK_STATES = {JobState.queued: "pending", JobState.in_progress: "processing", JobState.completed: "completed",
+               JobState.failed: "failed", JobState.cancelled: "cancelled"}  # its names for our job states
+
 
 class TaskRequest(BaseModel):
     """LightX2V's VideoTaskRequest. `infer_steps`, `save_result_path`, `use_prompt_enhancer`,
@@ -214,7 +232,7 @@ class TaskResponse(BaseModel):
 
 class TaskStatus(BaseModel):
     task_id: str
-    status: Literal["pending", "processing", "completed", "failed", "cancelled"]
+    status: Literal[tuple(TASK_STATES.values())]  # type: ignore[valid-type]
     start_time: str | None = None
     end_time: str | None = None
     error: str | None = None
@@ -245,6 +263,16 @@ class ServiceStatus(BaseModel):
     total_tasks: int
     completed_tasks: int
     failed_tasks: int
+
+
+MP4 = {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "mp4 video"}
+SSE = {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "server-sent events"}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses (they all share ErrorResponse)."""
+    return {c: {"model": ErrorResponse, "description": ErrorResponse.model_fields["error"].description or "error"}
+            for c in codes}
 
 
 def schema_extra(models: list[type[BaseModel]]) -> dict[str, Any]:

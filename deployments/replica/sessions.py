@@ -1,23 +1,11 @@
-"""CausVid sessions kept by one generator replica: which are open, in which tier, and which must go.
+"""CausVid sessions kept by one generator replica: which are open, and which must go to CPU or close.
 
-The caches themselves live in the replica's SP worker actors (`SPWorkerGroup` session API); this class
-only decides. Its policy, applied after every fragment and by a periodic sweep:
-
-- TTL: a session idle for `ttl_s` is closed.
-- Idle tier: a session idle for `idle_after_s` is offloaded to IDLE memory (`offload_session`, tier
-  "idle"); it is moved back (`reload_session`, tier "active") before its next fragment. Offload and
-  reload are bit-exact.
-- Memory caps, least recently used first: active cache bytes (per GPU: rank 0's share) beyond
-  `max_device_bytes` are offloaded; idle bytes beyond `max_idle_bytes`, and sessions beyond
-  `max_sessions`, are closed.
-
-Closing is safe because the router stores every session's state after each fragment: a closed,
-evicted or lost session is rebuilt with `restore_session` on its next call (the router resends the
-state), and only a session whose state is gone too is answered 410. The session being served is never
-evicted to make room for itself.
-
-All methods block (they call the worker actors): the generator calls them from a thread, under its
-job lock, so a session is never touched by two calls at once.
+The caches live in the replica's SP worker actors (`SPWorkerGroup`'s session API); this class only decides.
+Its policy (after every fragment, and in a periodic sweep): TTL closes, an idle tier (offload to CPU after
+`idle_after_s`, reload before use, bit-exact), LRU caps on device bytes (offload), idle bytes and the session
+count (close). Closing is safe: the router stores every session's state and rebuilds it on its next call.
+A session's tier and size are the workers' (their last `session_info`), never a second copy kept here.
+All methods block (they call the actors): the generator runs them in a thread, under its job lock.
 """
 from __future__ import annotations
 
@@ -27,9 +15,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-log = logging.getLogger(__name__)
+from engine.tiers import Tier
 
-ACTIVE, IDLE = "active", "idle"  # the worker group's tiers: caches on the compute device / in CPU memory
+from ..loops import LoopErrors
+
+log = logging.getLogger(__name__)
 
 
 class SessionBackend(Protocol):
@@ -47,34 +37,42 @@ class SessionBackend(Protocol):
 @dataclass
 class Entry:
     last_used: float
-    tier: str = ACTIVE
-    cache_bytes: int = 0
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # the workers' last session_info
+
+    @property
+    def tier(self) -> Tier:
+        return Tier(self.info.get("tier") or Tier.active)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.info.get("cache_bytes") or 0)
 
 
 class SessionManager:
     """Open sessions of one replica, in LRU order (oldest first)."""
 
-    def __init__(self, backend: SessionBackend, settings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, backend: SessionBackend, settings, clock: Callable[[], float] = time.monotonic,
+                 errors: LoopErrors | None = None):
         self.backend, self.settings, self.clock = backend, settings, clock
+        self.errors = errors or LoopErrors()
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.evicted = 0  # sessions closed by the policy (not by their owner)
 
-    # ---- what the replica holds ------------------------------------------------------------------
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.entries
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def bytes_in(self, tier: str) -> int:
+    def bytes_in(self, tier: Tier) -> int:
         return sum(e.cache_bytes for e in self.entries.values() if e.tier == tier)
 
     def summary(self) -> dict:
-        return {"sessions": len(self.entries), "device_bytes": self.bytes_in(ACTIVE), "idle_bytes": self.bytes_in(IDLE),
-                "idle_sessions": sum(e.tier == IDLE for e in self.entries.values()), "evicted": self.evicted}
+        return {"sessions": len(self.entries), "device_bytes": self.bytes_in(Tier.active),
+                "idle_bytes": self.bytes_in(Tier.idle),
+                "idle_sessions": sum(e.tier == Tier.idle for e in self.entries.values()), "evicted": self.evicted}
 
-    def tier(self, session_id: str) -> str | None:
+    def tier(self, session_id: str) -> Tier | None:
         e = self.entries.get(session_id)
         return e.tier if e else None
 
@@ -91,10 +89,9 @@ class SessionManager:
 
     def ready(self, session_id: str) -> None:
         """Before a session is used: back on the device if it was idle, most recently used."""
-        e = self.entries[session_id]
-        if e.tier == IDLE:
+        if self.entries[session_id].tier == Tier.idle:
             self.backend.reload_session(session_id)
-            e.tier = ACTIVE
+            self._refresh(session_id)
         self._touch(session_id)
 
     def used(self, session_id: str) -> dict:
@@ -111,10 +108,9 @@ class SessionManager:
             return False
 
     def offload(self, session_id: str) -> None:
-        e = self.entries[session_id]
-        if e.tier != IDLE:
+        if self.entries[session_id].tier != Tier.idle:
             self.backend.offload_session(session_id)
-            e.tier = IDLE
+            self._refresh(session_id)
 
     def forget_all(self) -> list[str]:
         """The worker group was rebuilt: every cache is gone (the router restores on demand)."""
@@ -122,18 +118,17 @@ class SessionManager:
         self.entries.clear()
         return gone
 
-    # ---- policy -----------------------------------------------------------------------------------
+    # ---- policy: each session in its own try (a failing one is logged, counted and tried next round) ----
     def sweep(self) -> list[str]:
         """Time-based rules: close past the TTL, offload past idle_after_s. Returns closed ids."""
-        now = self.clock()
-        closed = []
+        now, closed = self.clock(), []
         for sid, e in list(self.entries.items()):
             idle = now - e.last_used
             if idle >= self.settings.ttl_s:
-                self._evict(sid, f"idle {idle:.0f} s >= ttl_s")
-                closed.append(sid)
-            elif idle >= self.settings.idle_after_s and e.tier == ACTIVE:
-                self.offload(sid)
+                if self._policy("session_ttl", sid, self._evict, sid, f"idle {idle:.0f} s >= ttl_s"):
+                    closed.append(sid)
+            elif idle >= self.settings.idle_after_s and e.tier == Tier.active:
+                self._policy("session_idle_tier", sid, self.offload, sid)
         return closed
 
     def enforce(self, keep: str | None = None) -> list[str]:
@@ -141,16 +136,17 @@ class SessionManager:
         s = self.settings
         closed = self.sweep()
         for sid in self._lru(keep):
-            if self.bytes_in(ACTIVE) <= s.max_device_bytes:
+            if self.bytes_in(Tier.active) <= s.max_device_bytes:
                 break
-            if self.entries[sid].tier == ACTIVE:
-                self.offload(sid)
+            if self.entries[sid].tier == Tier.active:
+                self._policy("session_device_cap", sid, self.offload, sid)
         for sid in self._lru(keep):
-            if self.bytes_in(IDLE) <= s.max_idle_bytes and len(self.entries) <= s.max_sessions:
+            if self.bytes_in(Tier.idle) <= s.max_idle_bytes and len(self.entries) <= s.max_sessions:
                 break
-            if self.entries[sid].tier == IDLE or len(self.entries) > s.max_sessions:
-                self._evict(sid, "over the replica's session memory or count cap")
-                closed.append(sid)
+            if self.entries[sid].tier == Tier.idle or len(self.entries) > s.max_sessions:
+                if self._policy("session_caps", sid, self._evict, sid,
+                                "over the replica's session memory or count cap"):
+                    closed.append(sid)
         return closed
 
     def _make_room(self, session_id: str) -> None:
@@ -161,6 +157,14 @@ class SessionManager:
                 break
             self._evict(victim, "max_sessions reached")
 
+    def _policy(self, loop: str, sid: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # this session only: the rest of the round goes on
+            self.errors.record(loop, f"session {sid}", e)
+            return False
+
     # ---- plumbing ----------------------------------------------------------------------------------
     def _lru(self, keep: str | None) -> list[str]:
         return [sid for sid in self.entries if sid != keep]
@@ -169,13 +173,13 @@ class SessionManager:
         self.entries[session_id].last_used = self.clock()
         self.entries.move_to_end(session_id)
 
-    def _track(self, session_id: str) -> dict:
+    def _refresh(self, session_id: str) -> dict:
         info = dict(self.backend.session_info(session_id))
-        e = self.entries.get(session_id) or Entry(last_used=self.clock())
-        e.cache_bytes = int(info.get("cache_bytes") or 0)
-        e.tier = IDLE if info.get("tier") == IDLE else ACTIVE
-        e.info = info
-        self.entries[session_id] = e
+        self.entries.setdefault(session_id, Entry(last_used=self.clock())).info = info
+        return info
+
+    def _track(self, session_id: str) -> dict:
+        info = self._refresh(session_id)
         self._touch(session_id)
         return info
 

@@ -1,12 +1,10 @@
 """Turn an API request into a job request the generators can run, or refuse it with what to fix.
 
-Why in the router: a request that cannot be generated should be refused before it takes a queue slot,
-with a 4xx that names the field, the value and the rule. The rules are the model's own (model.config
-validates size and frames against the LightX2V config and the DiT's patch size / CausVid frame length),
-plus the service's limits (prompt length, frames, pixels, upload bytes). Images and LoRA files are only
-ever opened under the configured roots (model.paths.resolve_under): a client-given absolute path outside
-them is refused, and URLs are not fetched. Uploaded images are checked, then kept under
-`<state_dir>/uploads` so a queued job survives a router restart.
+In the router, so a request that cannot be generated is refused before it takes a queue slot, with a 4xx
+naming the field, the value and the rule: the model's own rules (model.config validates size and frames
+against the LightX2V config and the DiT), the model's prompt check, and the service's limits. Images and
+LoRA files are only opened under the configured roots (model.paths.resolve_under); URLs are not fetched.
+Uploaded images are checked, then kept under `<state_dir>/uploads` so a queued job survives a restart.
 """
 from __future__ import annotations
 
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from model.files import write_atomic
 
 from ..config import AppArgs, ModelSpec, format_size, parse_size
 from ..api.errors import ApiError, bad_request
@@ -54,7 +54,8 @@ class ModelView:
 
     def check_shape(self, height: int, width: int, frames: int) -> None:
         """The model's own rules (multiples of 16, 4n+1 frames, CausVid tokens per frame)."""
-        from model.config import ConfigError, RunConfig, validated
+        from model.config import ConfigError, RunConfig
+        from model.validation import validated
 
         try:
             merged = validated(RunConfig, {**self.cfg.model_dump(), "target_height": height, "target_width": width,
@@ -108,7 +109,7 @@ class Catalog:
         if session and not spec.causvid:
             causvid = [n for n, v in self.views.items() if v.spec.causvid]
             raise bad_request(f"model {spec.name} ({spec.model_cls}) has no sessions: sessions need a CausVid model "
-                              f"(model_cls wan2.1_causvid); available: {causvid}", "model", "unsupported")
+                              f"(GET /v1/models: sessions = true); available: {causvid}", "model", "unsupported")
         if spec.task == "i2v" and not image:
             raise bad_request(f"model {spec.name} is image-to-video: give an image (the first frame) as `image` "
                               "(base64 or a path under an image root) or a multipart upload `input_reference`",
@@ -159,9 +160,7 @@ class Catalog:
         if path.exists():
             path.touch()  # in use again: retention counts from now
         else:
-            tmp = path.with_name(path.name + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_atomic(path, data)
         return path
 
     def image_field(self, value: str) -> Path:
@@ -195,13 +194,10 @@ class Catalog:
         lim = self.limits
         view = self.model(body.get("model"), image=image_path is not None)
         spec, cfg = view.spec, view.cfg
-        req: dict[str, Any] = {"prompt": self.prompt(body.get("prompt"))}
+        req: dict[str, Any] = {"prompt": self.prompt(body.get("prompt"), view)}
         neg = body.get("negative_prompt")
         if neg is not None:
-            if len(neg) > lim.max_prompt_chars:
-                raise bad_request(f"negative_prompt is {len(neg)} characters; at most {lim.max_prompt_chars}",
-                                  "negative_prompt", "too_long")
-            req["negative_prompt"] = neg
+            req["negative_prompt"] = self.prompt(neg, view, "negative_prompt", allow_empty=True)
         height, width = self.size(body.get("size"), cfg)
         frames = body.get("num_frames")
         if frames is None and body.get("seconds") is not None:
@@ -237,16 +233,22 @@ class Catalog:
         view = self.model(body.get("model"), session=True)
         height, width = self.size(body.get("size"), view.cfg)
         view.check_shape(height, width, view.frames_per_fragment)
-        return view, {"prompt": self.prompt(body.get("prompt")), "seed": self.seed(body.get("seed")),
+        return view, {"prompt": self.prompt(body.get("prompt"), view), "seed": self.seed(body.get("seed")),
                       "height": height, "width": width}
 
-    def prompt(self, prompt: Any, param: str = "prompt") -> str:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise bad_request(f"{param} must not be empty: describe the video to generate", param, "empty_prompt")
-        if len(prompt) > self.limits.max_prompt_chars:
-            raise bad_request(f"{param} is {len(prompt)} characters; at most {self.limits.max_prompt_chars}",
-                              param, "prompt_too_long")
-        return prompt
+    @staticmethod
+    def prompt(prompt: Any, view: ModelView, param: str = "prompt", allow_empty: bool = False) -> str:
+        """The model's own prompt check (model.pipeline.check_prompt, its config's max_prompt_chars), as a 400."""
+        from model.pipeline import RequestError, check_prompt
+
+        if allow_empty and prompt == "":
+            return prompt
+        try:
+            return check_prompt(prompt, view.cfg.max_prompt_chars, param)
+        except RequestError as e:
+            code = "empty_prompt" if isinstance(prompt, str) and not prompt.strip() else "prompt_too_long"
+            raise bad_request(f"{e}" + (": describe the video to generate" if code == "empty_prompt" else ""),
+                              param, code) from None
 
     def size(self, size: str | None, cfg) -> tuple[int, int]:
         if size is None:

@@ -1,21 +1,10 @@
 """Per-model dispatcher: the oldest queued job goes to an idle replica, and its events come back.
 
-Why the router picks the replica (and Serve's request router only carries the choice out, see
-routing.py): the queue is durable (SQLite, deployments/jobs.py) and lives here, Serve's own queues are
-per caller and in memory; only the router knows which replicas it has given work and which replica
-holds each CausVid session. A job is claimed only when a replica is idle, so jobs never wait inside
-Serve where a router restart would lose track of them.
-
-Loop (one asyncio task per model, woken on submit / finish / every second):
-  poll replicas (a `status` broadcast: busy, LoRA set, sessions; at most every POLL_S while there is
-  work) -> while an idle replica exists: claim the oldest queued job whose session is not busy -> pick
-  its replica (the session's owner; else the idle replica already holding the job's LoRAs; else the one
-  with the fewest sessions) -> stream `generate` / `fragment` from it with `route_to=<replica>`.
-
-Outcomes: `result` -> mp4 written under results_dir, job completed; `error` -> failed with the
-replica's reason; `cancelled` or a cancelled stream -> cancelled; the replica died (the stream broke)
--> requeued until the job has had `max_attempts` tries, then failed naming the cause. A fragment sent
-to a replica that no longer holds its session is sent again with the state the router stored.
+The router picks the replica (Serve's request router only carries the choice out, deployments/policy.py):
+the durable queue lives here, and only the router knows which replicas it gave work and which one holds
+each CausVid session. A job is claimed only when a replica is idle, so no job waits inside Serve where a
+router restart would lose track of it. The loop, the choice of replica and the outcomes: ARCHITECTURE.md,
+"Dispatch".
 """
 from __future__ import annotations
 
@@ -23,15 +12,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ray
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError
 
-from ..storage.jobs import Job
-
-if TYPE_CHECKING:
-    from .service import Service
+from ..loops import LoopErrors
+from ..storage.jobs import Job, JobStore
 
 log = logging.getLogger("ray.serve")
 
@@ -45,6 +32,17 @@ class SessionLost(Exception):
     """A session's cache is gone and so is its stored state: it cannot continue (410)."""
 
 
+class DispatchHost(Protocol):
+    """What a dispatcher needs from the job service (router/jobs.py implements it)."""
+
+    async def payload(self, job: Job, with_state: bool) -> dict: ...
+    async def on_event(self, job: Job, ev: dict) -> None: ...
+    async def finish(self, job: Job, attempt: int, outcome: dict | None) -> None: ...
+    async def session_owner(self, session_id: str | None) -> str | None: ...
+    def replica_died(self, model: str) -> None: ...
+    def depth(self, model: str, queued: int, running: int) -> None: ...
+
+
 @dataclass
 class Running:
     job: Job
@@ -54,8 +52,8 @@ class Running:
 
 
 class ModelDispatcher:
-    def __init__(self, svc: "Service", name: str, handle):
-        self.svc, self.name, self.handle = svc, name, handle
+    def __init__(self, name: str, handle, store: JobStore, host: DispatchHost, errors: LoopErrors):
+        self.name, self.handle, self.store, self.host, self.errors = name, handle, store, host, errors
         self.replicas: dict[str, dict] = {}
         self.polled_at = 0.0
         self.assigned: dict[str, str] = {}  # replica -> job id (dispatched by this router, not yet ended)
@@ -65,7 +63,6 @@ class ModelDispatcher:
         self._task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
 
-    # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -74,12 +71,30 @@ class ModelDispatcher:
             if t is not None:
                 t.cancel()
 
+    async def stop_orphans(self) -> list[str]:
+        """A new router starts: every replica stops what it runs for the old one (its result would have no one
+        to go to). One answer per replica; a replica that fails to answer is logged and counted."""
+        try:
+            answers = await self.handle.broadcast("cancel_orphans").results_async(timeout_s=10, return_exceptions=True)
+        except Exception as e:  # no replica up yet, controller busy: nothing runs there to stop
+            self.errors.record("cancel_orphans", self.name, e)
+            return []
+        stopped = []
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                self.errors.record("cancel_orphans", f"a replica of {self.name}", answer)
+            elif isinstance(answer, str):
+                stopped.append(answer)
+        if stopped:
+            log.info("router: %s stopped %d orphaned job(s): %s", self.name, len(stopped), stopped)
+        return stopped
+
     # ---- replicas --------------------------------------------------------------------------------------
     async def poll(self, force: bool = False) -> dict[str, dict]:
         """Refresh the replica table with a status broadcast (passes the backlog for autoscaling)."""
         if not force and time.monotonic() - self.polled_at < POLL_S:
             return self.replicas
-        backlog = await asyncio.to_thread(self.svc.store.queue_depth, self.name)
+        backlog = await asyncio.to_thread(self.store.queue_depth, self.name)
         try:
             results = await self.handle.broadcast("status", backlog=backlog).results_async(
                 timeout_s=10, return_exceptions=True)
@@ -100,6 +115,15 @@ class ModelDispatcher:
     def mean_duration(self) -> float | None:
         return sum(self.durations) / len(self.durations) if self.durations else None
 
+    def pick(self, candidates: list[str], loras: list | None = None) -> str:
+        """Among candidates: those already holding the LoRA set, then the fewest sessions."""
+        same = [r for r in candidates if self.replicas.get(r, {}).get("loras", []) == (loras or [])]
+
+        def sessions(r: str) -> int:
+            return (self.replicas.get(r, {}).get("sessions") or {}).get("sessions", 0)
+
+        return min(same or candidates, key=sessions)
+
     # ---- the loop ---------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
@@ -112,14 +136,13 @@ class ModelDispatcher:
                 await self.dispatch()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("dispatcher %s: round failed (retrying)", self.name)
+            except Exception as e:
+                self.errors.record("dispatch", self.name, e)
                 await asyncio.sleep(POLL_S)
 
     async def dispatch(self) -> None:
-        store = self.svc.store
-        queued = await asyncio.to_thread(store.queue_depth, self.name)
-        self.svc.metrics.depth(self.name, queued, len(self.running))
+        queued = await asyncio.to_thread(self.store.queue_depth, self.name)
+        self.host.depth(self.name, queued, len(self.running))
         if queued == 0:
             if time.monotonic() - self.polled_at > IDLE_POLL_S:
                 await self.poll(force=True)
@@ -127,14 +150,14 @@ class ModelDispatcher:
         await self.poll()
         while idle := self.idle():
             busy_sessions = {r.job.session_id for r in self.running.values() if r.job.session_id}
-            for sid in await asyncio.to_thread(store.queued_sessions, self.name):
-                owner = self.svc.session_owner(sid)
+            for sid in await asyncio.to_thread(self.store.queued_sessions, self.name):
+                owner = await self.host.session_owner(sid)
                 if sid not in busy_sessions and self.alive(owner) and owner not in idle:
                     busy_sessions.add(sid)  # its replica is busy: wait for it rather than rebuild elsewhere
-            job = await asyncio.to_thread(store.claim_next, [self.name], busy_sessions)
+            job = await asyncio.to_thread(self.store.claim_next, [self.name], busy_sessions)
             if job is None:
                 return
-            replica = self.choose(job, idle)
+            replica = await self.choose(job, idle)
             self.assigned[replica] = job.id
             self.replicas[replica]["busy"] = True
             self.running[job.id] = Running(job, replica)
@@ -142,34 +165,23 @@ class ModelDispatcher:
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
 
-    def choose(self, job: Job, idle: list[str]) -> str:
+    async def choose(self, job: Job, idle: list[str]) -> str:
         if job.session_id:
-            owner = self.svc.session_owner(job.session_id)
+            owner = await self.host.session_owner(job.session_id)
             if owner in idle:
                 return owner
         return self.pick(idle, [[x["path"], float(x["strength"])] for x in job.request.get("loras") or ()])
 
-    def pick(self, candidates: list[str], loras: list | None = None) -> str:
-        """Among candidates: those already holding the LoRA set, then the fewest sessions."""
-        same = [r for r in candidates if self.replicas.get(r, {}).get("loras", []) == (loras or [])]
-
-        def sessions(r: str) -> int:
-            return (self.replicas.get(r, {}).get("sessions") or {}).get("sessions", 0)
-
-        return min(same or candidates, key=sessions)
-
     # ---- one job ------------------------------------------------------------------------------------------
     async def _run(self, job: Job, replica: str) -> None:
-        svc, attempt = self.svc, job.attempts
-        t0 = time.time()
+        attempt, t0 = job.attempts, time.time()
         outcome: dict | None = None
         try:
-            payload = await svc.payload(job, replica, with_state=not self.alive(self.svc.session_owner(job.session_id))
-                                        if job.session_id else False)
+            owner = await self.host.session_owner(job.session_id) if job.session_id else None
+            payload = await self.host.payload(job, with_state=bool(job.session_id) and not self.alive(owner))
             outcome = await self._stream(job, replica, payload)
             if outcome and outcome.get("kind") == "missing" and job.session_id:
-                payload = await svc.payload(job, replica, with_state=True)
-                outcome = await self._stream(job, replica, payload)
+                outcome = await self._stream(job, replica, await self.host.payload(job, with_state=True))
         except SessionLost as e:
             outcome = {"type": "error", "kind": "lost", "message": str(e)}
         except Exception as e:
@@ -183,7 +195,7 @@ class ModelDispatcher:
                     self.replicas[replica]["busy"] = False
             self.wake.set()
         self.durations = (self.durations + [time.time() - t0])[-20:]
-        await svc.finish(job, attempt, outcome)
+        await self.host.finish(job, attempt, outcome)
 
     async def _stream(self, job: Job, replica: str, payload: dict) -> dict | None:
         """Call the replica and relay its events; returns the last (terminal) event, or one describing
@@ -193,7 +205,7 @@ class ModelDispatcher:
         run = self.running.get(job.id)
         if run is not None:
             run.response = response
-            if (await asyncio.to_thread(self.svc.store.get, job.id)).cancel_requested:
+            if (await asyncio.to_thread(self.store.get, job.id)).cancel_requested:
                 response.cancel()  # cancelled between claim and call
         outcome = None
         try:
@@ -201,12 +213,12 @@ class ModelDispatcher:
                 if ev.get("type") in ("result", "error", "cancelled"):
                     outcome = ev
                 else:
-                    await self.svc.on_event(job, ev)
+                    await self.host.on_event(job, ev)
         except RequestCancelledError:
             return {"type": "cancelled"}
         except REPLICA_GONE as e:
             self.replicas.pop(replica, None)
-            self.svc.metrics.failure(self.name, "replica_died")
+            self.host.replica_died(self.name)
             return {"type": "error", "kind": "replica_died",
                     "message": f"generator replica {replica} died during the job ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:300]})"}

@@ -1,22 +1,23 @@
 """The router: the application's ingress deployment (HTTP) and its handle API (callers inside Ray).
 
-One replica (it owns the SQLite job store; a second router would run a second set of dispatchers over
-the same queue). It holds one DeploymentHandle per generator deployment, builds the Service (jobs,
-dispatch, sessions: service.py) and the FastAPI app (api.py) when it starts. If it dies, Serve starts a
-new one that opens the same state_dir, recovers the jobs and serves finished results.
-
-The methods below are the handle API that `deployments.client.HandleClient` uses: the same operations
-as the HTTP routes, with plain dicts in and out (errors arrive as ApiError, carrying status and message).
+One replica (it owns the SQLite job store; a second router would run a second set of dispatchers over the
+same queue). If it dies, Serve starts a new one that opens the same state_dir, recovers the jobs and serves
+finished results. The methods below are the handle API that `deployments.client.HandleClient` uses: the
+same operations as the HTTP routes, plain dicts in and out (errors arrive as ApiError, status and message).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from pydantic import ValidationError
 from ray import serve
 
-from ..api.app import build_http_app, read_token, submit_video
-from ..config import parse_args
+from ..api.app import build_http_app, read_token, validation_message
 from ..api.errors import ApiError
+from ..api.requests import submit_video
+from ..api.schemas import SessionCreate, VideoCreate
+from ..config import parse_args
 from .service import Service
 
 log = logging.getLogger("ray.serve")
@@ -37,14 +38,8 @@ class Router:
     async def __del__(self):
         await self.svc.stop()
 
-    # ---- handle API -------------------------------------------------------------------------------------
     async def submit(self, body: dict, image: bytes | str | None = None) -> dict:
         """Like POST /v1/videos: body = the JSON fields; image = file bytes, base64 or a rooted path."""
-        from pydantic import ValidationError
-
-        from ..api.app import validation_message
-        from ..api.schemas import VideoCreate
-
         try:
             parsed = VideoCreate.model_validate(body).model_dump(exclude_none=True)
         except ValidationError as e:
@@ -53,38 +48,36 @@ class Router:
         return await submit_video(self.svc, parsed, image)
 
     async def get(self, job_id: str) -> dict:
-        return self.svc.job_view(await self.svc.job(job_id))
+        return self.svc.jobs.view(await self.svc.jobs.job(job_id))
 
     async def cancel(self, job_id: str) -> dict:
-        return self.svc.job_view(await self.svc.cancel(job_id))
+        return self.svc.jobs.view(await self.svc.jobs.cancel(job_id))
 
     async def content(self, job_id: str) -> bytes:
-        return (await self.svc.result_path(job_id)).read_bytes()
+        return await asyncio.to_thread((await self.svc.jobs.result_path(job_id)).read_bytes)
 
     async def block(self, job_id: str, index: int) -> bytes | None:
-        path = self.svc.block_path(await self.svc.job(job_id), index)
-        return path.read_bytes() if path.is_file() else None
+        path = self.svc.jobs.block_path(await self.svc.jobs.job(job_id), index)
+        return None if path is None else await asyncio.to_thread(path.read_bytes)
 
     async def list(self, limit: int = 20, after: str | None = None) -> dict:
-        jobs, more = await self.svc.list(limit, after)
-        return {"data": [self.svc.job_view(j) for j in jobs], "has_more": more}
+        jobs, more = await self.svc.jobs.list(limit, after)
+        return {"data": [self.svc.jobs.view(j) for j in jobs], "has_more": more}
 
     async def models(self) -> dict:
-        return self.svc.models()
+        return await self.svc.models()
 
     async def open_session(self, body: dict) -> dict:
-        from ..api.schemas import SessionCreate
-
-        return await self.svc.open_session(SessionCreate.model_validate(body).model_dump())
+        return await self.svc.sessions.open(SessionCreate.model_validate(body).model_dump())
 
     async def fragment(self, session_id: str, prompt: str | None = None) -> dict:
-        return self.svc.job_view(await self.svc.fragment(session_id, prompt))
+        return self.svc.jobs.view(await self.svc.sessions.fragment(session_id, prompt))
 
     async def session(self, session_id: str) -> dict:
-        return await self.svc.session_view(session_id)
+        return await self.svc.sessions.view(session_id)
 
     async def session_video(self, session_id: str) -> bytes:
-        return await self.svc.session_video(session_id)
+        return await self.svc.sessions.video(session_id)
 
     async def close_session(self, session_id: str) -> dict:
-        return await self.svc.close_session(session_id)
+        return await self.svc.sessions.close(session_id)

@@ -1,37 +1,11 @@
-"""Durable job store for the Serve router: SQLite (WAL) rows + result files on disk with retention.
+"""Durable job store of the router: SQLite rows (storage/sqlite.py's policy) + result files with retention.
 
-One `JobStore` is opened by the process that owns the jobs (the router). It is safe to share between
-threads (one connection behind a lock) and between processes or JobStore instances on the same file
-(every read-modify-write runs in a `BEGIN IMMEDIATE` transaction, with a busy timeout). A restarted
-process that opens the same file sees every job; call `recover()` once at start-up to requeue jobs the
-dead process left `in_progress`.
-
-States and transitions (anything else is ignored: the method returns None and logs, state is untouched)::
-
-    create ─▶ queued ──claim_next──▶ in_progress ──complete──▶ completed
-                │  ▲                    │  │  └────fail──────▶ failed
-                │  └──requeue/recover───┘  └─finish_cancelled▶ cancelled
-                ├──cancel──────────────────────────────────────▶ cancelled
-                └──fail (e.g. the model went away)─────────────▶ failed
-
-Semantics decisions:
-- `cancel()` of a queued job cancels it at once; of a running job it only sets `cancel_requested`, and the
-  worker ends it with `finish_cancelled()`. Of a terminal job it changes nothing (returns the job as is).
-- Cancel wins: once `cancel_requested` is set, the job can only end `cancelled`. A worker that still calls
-  `complete()`, `fail()` or `requeue()` ends it `cancelled` instead (the result file, if any, is deleted)
-  and gets the cancelled Job back — check `job.state`. A job already `cancelled` (or any terminal job)
-  is never changed again: late `complete()`/`fail()`/`progress()` calls return None.
-- Fencing: `progress`/`complete`/`fail`/`requeue`/`finish_cancelled` take an optional `attempt`
-  (the `attempts` value of the Job returned by `claim_next`). If the job was requeued and claimed again
-  since, the stale worker's call is ignored.
-- `progress` is `step * 100 // total`, capped at 99 until `complete()` sets 100; a requeue resets it to 0.
-- Times are epoch seconds (`time.time()`); list order is insertion order (a monotonic row number), not
-  `created_at`, so a clock step cannot reorder pages.
-
-Result files live in `results_dir`; `Job.result` is a file name relative to it. Writers must never
-expose half-written files: write `<id>.mp4.part` and rename (`model.video.write_mp4` already does this
-for the path `new_result_path(id)`; `atomic_result(id)` / `write_result(id, data)` do it for others).
-`purge()` deletes terminal jobs finished more than `retention_s` ago (rows and files) and stray files.
+A job moves queued -> in_progress -> completed | failed | cancelled (a replica's death requeues it; a
+restarted router `recover()`s jobs the dead one left running). Transition methods return the Job after the
+call, or None when the transition does not apply (unknown id, wrong state, stale `attempt`: fencing against
+a worker whose job was requeued and claimed again). Cancel wins: once requested, a job can only end
+cancelled. The state diagram and every rule: ARCHITECTURE.md, "Job store". Result files live in
+`results_dir` (`<id>.mp4`, CausVid blocks `<id>.block<k>.mp4`), always written through model.files.
 """
 from __future__ import annotations
 
@@ -39,10 +13,8 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,18 +23,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from model.files import atomic_path
+
 from ..states import TERMINAL_STATES, JobKind, JobState
+from .results import OnError, ResultFiles
+from .sqlite import Database
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 JOB_ID_PREFIX = "vid_"
-JOB_ID_RE = re.compile(r"^vid_[0-9a-f]{24}$")
-RESULT_SUFFIX = ".mp4"
-PART_SUFFIX = ".part"
 DEFAULT_RETENTION_S = 7 * 24 * 3600
-
-
 
 
 class Job(BaseModel):
@@ -86,6 +56,7 @@ class Job(BaseModel):
     result: str | None = None
     cancel_requested: bool = False
     attempts: int = 0
+    blocks: int = 0  # CausVid fragments: decoded blocks written so far (<id>.block<k>.mp4)
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +69,7 @@ class PurgeResult:
 
     jobs: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    errors: int = 0  # items that failed (reported to on_error) and are tried again next round
 
 
 def new_job_id() -> str:
@@ -106,10 +78,10 @@ def new_job_id() -> str:
 
 _COLUMNS = ("id", "kind", "model", "session_id", "request", "state", "progress", "step", "total", "stage",
             "created_at", "started_at", "finished_at", "timings", "error", "result", "cancel_requested",
-            "attempts")
+            "attempts", "blocks")
 _SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM jobs"
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -135,6 +107,7 @@ CREATE INDEX IF NOT EXISTS jobs_state_model ON jobs (state, model, seq);
 CREATE INDEX IF NOT EXISTS jobs_model_seq ON jobs (model, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 """
+MIGRATIONS = (_SCHEMA_V1, "ALTER TABLE jobs ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0")
 
 
 def _row_to_job(row: tuple) -> Job:
@@ -146,63 +119,34 @@ def _row_to_job(row: tuple) -> Job:
 
 
 class JobStore:
-    """Jobs in SQLite at `path` (WAL mode), their result files under `results_dir`.
-
-    Transition methods return the Job after the call, or None when the transition does not apply
-    (unknown id, wrong state, stale `attempt`); see the module docstring for the rules.
-    """
+    """Jobs in SQLite at `path`, their result files under `results_dir` (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, results_dir: str | os.PathLike,
                  retention_s: float = DEFAULT_RETENTION_S, busy_timeout_s: float = 30.0):
-        self.path = Path(path)
-        self.results_dir = Path(results_dir)
+        self.files = ResultFiles(results_dir)
+        self.results_dir = self.files.dir
         self.retention_s = float(retention_s)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._db = Database(path, MIGRATIONS, "job", busy_timeout_s)
+        self.path = self._db.path
         self._doomed: list[str] = []  # result files to delete once the current transaction commits
-        # Autocommit mode (isolation_level=None): transactions are explicit, see _write().
-        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            log.warning("JobStore %s: journal_mode is %r, not WAL (filesystem without shared memory?)",
-                        self.path, mode)
-        self._conn.execute("PRAGMA synchronous = FULL")  # an accepted job survives a power cut
-        with self._write() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} has job schema version {version}; this wanserve knows "
-                                   f"up to {SCHEMA_VERSION} (downgrade?)")
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                c.execute(stmt)
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    # -- plumbing -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: BEGIN IMMEDIATE takes the file's write lock up front, so a
-        read-then-update is atomic across threads, JobStore instances and processes."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+        """A write transaction; the result files it dooms go only after the rows that point at them (a
+        failed commit keeps both)."""
+        with self._db.lock:
             self._doomed = []
             try:
-                yield self._conn
-                self._conn.execute("COMMIT")
+                with self._db.write() as c:
+                    yield c
             except BaseException:
                 self._doomed = []
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
                 raise
-            # Files go only after the rows that point at them are gone (a failed commit keeps both).
             doomed, self._doomed = self._doomed, []
-            self._unlink(doomed)
+            self.files.unlink(doomed)
 
     def _read(self, sql: str, args: Iterable = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, tuple(args)).fetchall()
+        return self._db.read(sql, args)
 
     @staticmethod
     def _get(c: sqlite3.Connection, job_id: str) -> Job | None:
@@ -239,20 +183,17 @@ class JobStore:
     def _end_cancelled(self, c: sqlite3.Connection, job: Job, now: float, drop_file: str | None = None) -> Job:
         """In-progress job with cancel requested -> cancelled; removes the job's result files."""
         self._set(c, job.id, state=JobState.cancelled, finished_at=now, result=None)
-        self._doomed += self._job_files(job.id, extra=drop_file)
+        self._doomed += self.files.of_job(job.id, extra=drop_file)
         return self._get(c, job.id)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> JobStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- create / read ----------------------------------------------------------------------------
 
     def create(self, model: str, request: dict, kind: JobKind | str = JobKind.video,
                session_id: str | None = None) -> Job:
@@ -324,8 +265,6 @@ class JobStore:
             sql, args = sql + " AND model = ?", (model,)
         return self._read(sql, args)[0][0]
 
-    # -- worker side --------------------------------------------------------------------------------
-
     def claim_next(self, models: Iterable[str], skip_sessions: Iterable[str] = ()) -> Job | None:
         """Atomically move the oldest queued job of `models` to in_progress (attempts + 1).
 
@@ -344,7 +283,8 @@ class JobStore:
             if row is None:
                 return None
             c.execute("UPDATE jobs SET state = 'in_progress', attempts = attempts + 1, started_at = ?, "
-                      "progress = 0, step = 0, total = 0, stage = NULL WHERE id = ?", (time.time(), row[0]))
+                      "progress = 0, step = 0, total = 0, stage = NULL, blocks = 0 WHERE id = ?",
+                      (time.time(), row[0]))
             return self._get(c, row[0])
 
     def progress(self, job_id: str, step: int, total: int, stage: str | None = None,
@@ -368,7 +308,7 @@ class JobStore:
                  attempt: int | None = None) -> Job | None:
         """in_progress -> completed with its result file (name relative to results_dir, or a path inside
         it). If cancel was requested meanwhile, the job ends cancelled instead (file deleted)."""
-        name = self._relative_result(result_file)
+        name = self.files.relative(result_file)
         with self._write() as c:
             job = self._get(c, job_id)
             if job is None or job.state is not JobState.in_progress or self._stale(job, attempt):
@@ -398,7 +338,7 @@ class JobStore:
             if timings:
                 values["timings"] = dict(timings)
             self._set(c, job_id, **values)
-            self._doomed += self._job_files(job_id, results=False)
+            self._doomed += self.files.of_job(job_id, results=False)
             return self._get(c, job_id)
 
     def cancel(self, job_id: str) -> Job | None:
@@ -435,8 +375,9 @@ class JobStore:
                 return None
             if job.cancel_requested:
                 return self._end_cancelled(c, job, time.time())
-            self._set(c, job_id, state=JobState.queued, started_at=None, progress=0, step=0, total=0, stage=None)
-            self._doomed += self._job_files(job_id)
+            self._set(c, job_id, state=JobState.queued, started_at=None, progress=0, step=0, total=0, stage=None,
+                      blocks=0)
+            self._doomed += self.files.of_job(job_id)
             return self._get(c, job_id)
 
     def recover(self, max_attempts: int = 2) -> int:
@@ -453,11 +394,11 @@ class JobStore:
                     self._set(c, job.id, state=JobState.failed, finished_at=now,
                               error=f"interrupted {job.attempts} time(s) by a server restart while running; "
                                     f"not retried again (max_attempts={max_attempts})")
-                    self._doomed += self._job_files(job.id, results=False)
+                    self._doomed += self.files.of_job(job.id, results=False)
                 else:
                     self._set(c, job.id, state=JobState.queued, started_at=None, progress=0, step=0, total=0,
-                              stage=None)
-                    self._doomed += self._job_files(job.id)
+                              stage=None, blocks=0)
+                    self._doomed += self.files.of_job(job.id)
         if rows:
             log.info("JobStore.recover: %d job(s) were in progress", len(rows))
         return len(rows)
@@ -470,17 +411,17 @@ class JobStore:
                 self._ignored("delete", job_id, job)
                 return False
             c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            self._doomed += self._job_files(job_id, extra=job.result)
+            self._doomed += self.files.of_job(job_id, extra=job.result)
             return True
 
-    # -- result files ------------------------------------------------------------------------------
-
     def new_result_path(self, job_id: str) -> Path:
-        """Where the job's mp4 goes: `<results_dir>/<id>.mp4`. Write `<that>.part` and rename
-        (`model.video.write_mp4` does; or use `atomic_result` / `write_result`)."""
-        if not JOB_ID_RE.match(job_id):
-            raise ValueError(f"not a job id: {job_id!r}")
-        return self.results_dir / f"{job_id}{RESULT_SUFFIX}"
+        return self.files.result_path(job_id)
+
+    def atomic_result(self, job_id: str):
+        return self.files.atomic(job_id)
+
+    def write_result(self, job_id: str, data: bytes) -> str:
+        return self.files.write(job_id, data)
 
     def result_path(self, job: Job | str) -> Path:
         """Absolute path of a job's result file (it may be gone if deleted by hand); ValueError if the
@@ -492,92 +433,67 @@ class JobStore:
             job = found
         if not job.result:
             raise ValueError(f"job {job.id} has no result (state {job.state})")
-        return self.results_dir / self._relative_result(job.result)
+        return self.results_dir / self.files.relative(job.result)
 
-    @contextlib.contextmanager
-    def atomic_result(self, job_id: str) -> Iterator[Path]:
-        """`with store.atomic_result(id) as part: <write part>` -> renamed to new_result_path(id) on
-        success, removed on error. Yields the `.part` path."""
-        final = self.new_result_path(job_id)
-        part = final.with_name(final.name + PART_SUFFIX)
-        try:
-            yield part
-            os.replace(part, final)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+    def write_block(self, job_id: str, index: int, data: bytes, attempt: int | None = None) -> Job | None:
+        """Block `index` of a running fragment job, written atomically; the job's block count follows (so a
+        job's view needs no directory listing). None (nothing written) if the job is not running."""
+        job = self.get(job_id)
+        if job is None or job.state is not JobState.in_progress or self._stale(job, attempt):
+            self._ignored("write_block", job_id, job, attempt)
+            return None
+        with atomic_path(self.files.block_path(job_id, index)) as part:
+            part.write_bytes(data)
+        with self._write() as c:
+            c.execute("UPDATE jobs SET blocks = MAX(blocks, ?) WHERE id = ? AND state = 'in_progress'",
+                      (int(index) + 1, job_id))
+            return self._get(c, job_id)
 
-    def write_result(self, job_id: str, data: bytes) -> str:
-        """Write bytes atomically as the job's result; returns the file name for `complete()`."""
-        with self.atomic_result(job_id) as part, open(part, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return self.new_result_path(job_id).name
-
-    def _relative_result(self, result_file: str | os.PathLike) -> str:
-        p = Path(result_file)
-        if p.is_absolute():
-            try:
-                p = p.resolve().relative_to(self.results_dir.resolve())
-            except ValueError:
-                raise ValueError(f"result file {result_file} is not inside {self.results_dir}") from None
-        if not p.parts or ".." in p.parts or p.is_absolute():
-            raise ValueError(f"bad result file name {str(result_file)!r}")
-        return p.as_posix()
-
-    def _job_files(self, job_id: str, results: bool = True, extra: str | None = None) -> list[str]:
-        """Names of the job's files: `<id>.*` (with results=False only `.part` leftovers) and `extra`."""
-        names = set()
-        if JOB_ID_RE.match(job_id):
-            for p in self.results_dir.glob(f"{job_id}.*"):
-                if results or p.name.endswith(PART_SUFFIX):
-                    names.add(p.name)
-        if extra:
-            with contextlib.suppress(ValueError):
-                names.add(self._relative_result(extra))
-        return sorted(names)
-
-    def _unlink(self, names: Iterable[str]) -> list[str]:
-        """Delete files under results_dir; returns the names actually deleted."""
-        removed = []
-        for name in names:
-            try:
-                (self.results_dir / name).unlink()
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("JobStore: could not delete %s: %s", self.results_dir / name, e)
-        return removed
-
-    # -- retention ---------------------------------------------------------------------------------
-
-    def purge(self, now: float | None = None) -> PurgeResult:
+    def purge(self, now: float | None = None, on_error: OnError | None = None) -> PurgeResult:
         """Delete terminal jobs finished more than retention_s before `now` (rows and result files), and
-        files in results_dir older than that which belong to no remaining job. Returns what went."""
+        files in results_dir older than that which belong to no remaining job. Each job and each stray
+        file is its own item: with `on_error(item, exc)` a failing item is reported and the round goes on
+        (it is tried again next round); without, the first failure raises."""
         now = time.time() if now is None else float(now)
         cutoff = now - self.retention_s
-        out, doomed = PurgeResult(), []
-        with self._write() as c:
-            rows = c.execute(_SELECT + " WHERE finished_at IS NOT NULL AND finished_at < ? "
-                             "AND state IN ('completed', 'failed', 'cancelled') ORDER BY seq", (cutoff,)).fetchall()
-            for job in map(_row_to_job, rows):
-                c.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
-                out.jobs.append(job.id)
-                doomed += self._job_files(job.id, extra=job.result)
-            known = {r[0] for r in c.execute("SELECT id FROM jobs")}
-            referenced = {r[0] for r in c.execute("SELECT result FROM jobs WHERE result IS NOT NULL")}
-            for p in self.results_dir.iterdir():  # strays: files of no job (crashes, deleted rows)
-                if p.name in doomed or not p.is_file() or p.name in referenced or p.name.split(".", 1)[0] in known:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if p.stat().st_mtime < cutoff:
-                        doomed.append(p.name)
-        out.files = self._unlink(doomed)  # after the commit
+        out = PurgeResult()
+
+        def failed(item: str, e: BaseException) -> None:
+            if on_error is None:
+                raise e
+            out.errors += 1
+            on_error(item, e)
+
+        expired = [r[0] for r in self._read("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? "
+                                            "AND state IN ('completed', 'failed', 'cancelled') ORDER BY seq",
+                                            (cutoff,))]
+        for job_id in expired:
+            try:
+                with self._write() as c:
+                    job = self._get(c, job_id)
+                    if job is None or not job.terminal:
+                        continue
+                    c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                    files = self.files.of_job(job_id, extra=job.result)
+                out.jobs.append(job_id)
+                out.files += self.files.unlink(files, failed)
+            except Exception as e:  # this job only: the others are still purged this round
+                failed(job_id, e)
+        known = {r[0] for r in self._read("SELECT id FROM jobs")}
+        referenced = {r[0] for r in self._read("SELECT result FROM jobs WHERE result IS NOT NULL")}
+        for p in sorted(self.results_dir.iterdir()):  # strays: files of no job (crashes, deleted rows)
+            if not p.is_file() or p.name in referenced or p.name.split(".", 1)[0] in known:
+                continue
+            try:
+                if p.stat().st_mtime < cutoff:
+                    out.files += self.files.unlink([p.name], failed)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                failed(p.name, e)
         if out.jobs or out.files:
             log.info("JobStore.purge: %d job(s), %d file(s)", len(out.jobs), len(out.files))
         return out
 
     def journal_mode(self) -> str:
-        return self._read("PRAGMA journal_mode")[0][0]
+        return self._db.journal_mode()
