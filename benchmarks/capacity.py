@@ -18,22 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import capacity as cap  # noqa: E402
 from capacity import report  # noqa: E402
-from model.config import ConfigError, ParallelConfig  # noqa: E402
+from model.config import ConfigError, ParallelConfig, parse_size  # noqa: E402
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def size_arg(text: str) -> tuple[int, int]:
+    """--size WIDTHxHEIGHT -> (height, width), through the one parser of sizes (model/config.py)."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 832x480") from None
-    return w, h
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["1.3B", "14B"], default="14B")
     p.add_argument("--task", choices=["t2v", "i2v"], default="t2v")
-    p.add_argument("--size", type=parse_size, default=(832, 480), metavar="WxH", help="width x height (832x480)")
+    p.add_argument("--size", type=size_arg, default=(480, 832), metavar="WxH", help="width x height (832x480)")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True,
@@ -61,7 +61,7 @@ def workload(args) -> cap.Workload:
     else:
         u, r = ParallelConfig(seq_p_size=args.sp if args.sp > 1 else (args.ulysses or 1) * (args.ring or 1),
                               ulysses_degree=args.ulysses, ring_degree=args.ring).degrees()
-    return cap.Workload(model=args.model, task=args.task, width=args.size[0], height=args.size[1],
+    return cap.Workload(model=args.model, task=args.task, height=args.size[0], width=args.size[1],
                         frames=args.frames, steps=args.steps, cfg=args.cfg, ulysses=u, ring=r,
                         cfg_parallel=args.cfg_parallel, dtype=args.dtype, fsdp=args.fsdp, offload=args.offload,
                         causvid_window=args.causvid_window)

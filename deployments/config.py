@@ -8,7 +8,6 @@ replicas their settings, so both sides read one definition.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,19 +193,6 @@ def parse_args(args: dict[str, Any] | AppArgs) -> AppArgs:
         raise ArgsError(format_validation_error(
             err, "invalid wanserve application args", root="<args>", hide_input=("missing", "extra_forbidden"),
             messages={"extra_forbidden": "unknown key (see configs/serve/demo.yaml for the keys)"})) from None
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """"WxH" (OpenAI's order: width first) -> (height, width)."""
-    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*", str(size))
-    if not m:
-        raise ValueError(f"size {size!r}: expected WIDTHxHEIGHT, e.g. 832x480")
-    width, height = int(m.group(1)), int(m.group(2))
-    return height, width
-
-
-def format_size(height: int, width: int) -> str:
-    return f"{width}x{height}"
 
 
 def retry_after_s(queued: int, replicas: int, mean_job_s: float | None) -> int:

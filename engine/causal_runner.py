@@ -21,24 +21,11 @@ import torch
 
 from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline
 from model.config import ConfigError
-from model.pipeline import (
-    Cancelled,
-    Generation,
-    Request,
-    RequestError,
-    StageTimer,
-    check_prompt,
-)
+from model.pipeline import Cancelled, Generation, Request, RequestError, StageTimer, check_prompt
 from parallel.causal import attach
 from parallel.group import Group
 
-from .protocol import (
-    RemoteError,
-    collective_cancel,
-    rank0_progress,
-    share_result,
-    share_tensors,
-)
+from .protocol import RemoteError, collective_cancel, rank0_progress, share_result, share_tensors
 from .runner import attach_group
 from .tiers import Tier
 

@@ -17,13 +17,7 @@ import torch
 
 from model.generate import lora_roots, run_cli
 from model.pipeline import RequestError
-from parallel.group import (
-    GroupError,
-    GroupLayout,
-    RankFailure,
-    default_device,
-    join_from_env,
-)
+from parallel.group import GroupError, GroupLayout, RankFailure, default_device, join_from_env
 
 from .protocol import RemoteError, share_result
 from .rank import load_rank_pipeline, rank_runner

@@ -13,16 +13,7 @@ import torch.distributed as dist
 
 from model.attention import LOCAL, TokenLayout
 from model.config import ConfigError
-from model.pipeline import (
-    Cancelled,
-    Conditioning,
-    Generation,
-    Progress,
-    Request,
-    RequestError,
-    StageTimer,
-    WanPipeline,
-)
+from model.pipeline import Cancelled, Conditioning, Generation, Progress, Request, RequestError, StageTimer, WanPipeline
 from parallel.attention import CommStats, SequenceParallelLayout
 from parallel.fsdp import shard_dit
 from parallel.group import Group, GroupLayout

@@ -13,12 +13,7 @@ from model.config import RunConfig, load_run_config
 from model.pipeline import Generation, Request
 from parallel.group import GroupLayout, RankFailure, first_line
 
-from .causal_runner import (
-    InvalidSessionState,
-    SessionExists,
-    SessionNotFound,
-    SessionsNotSupported,
-)
+from .causal_runner import InvalidSessionState, SessionExists, SessionNotFound, SessionsNotSupported
 from .rank import has_sessions, session_model_classes
 from .worker import SPWorker
 
@@ -59,9 +54,7 @@ class SPWorkerGroup:
         for rank in range(n):
             opts = dict(options)
             if placement_group is not None:
-                from ray.util.scheduling_strategies import (
-                    PlacementGroupSchedulingStrategy,
-                )
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundles[rank])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,3 +293,16 @@ def shift_sigma(sigma: float, shift: float) -> float:
     """Flow-matching time shift used by every Wan sampler."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" (OpenAI's and the CLIs' order: width first) -> (height, width), the config's order."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*", str(size))
+    if not m:
+        raise ValueError(f"size {size!r}: expected WIDTHxHEIGHT, e.g. 832x480")
+    width, height = int(m.group(1)), int(m.group(2))
+    return height, width
+
+
+def format_size(height: int, width: int) -> str:
+    """(height, width) -> "WIDTHxHEIGHT"."""
+    return f"{width}x{height}"

@@ -364,7 +364,7 @@ class Group:
 
 
 def _abort_nccl(rank: int, pgs: list) -> None:
-    """`ProcessGroup.abort()` (torch >= 2.6) on every sub-group, newest first, then the world (the order of
+    """`ProcessGroup.abort()` (torch >= 2.7) on every sub-group, newest first, then the world (the order of
     torch's own group abort): pending NCCL work ends now instead of at `op_timeout`."""
     seen = set()
     for pg in [*reversed(pgs), dist.group.WORLD]:

@@ -11,7 +11,8 @@ import torch
 import yaml
 from serve_support import DISTILL_CFG, REPO
 
-from deployments.config import ArgsError, parse_args, parse_size, retry_after_s
+from deployments.config import ArgsError, parse_args, retry_after_s
+from model.config import parse_size
 from deployments.states import JobState
 from deployments.storage.jobs import JobStore
 from deployments.policy import backlog_policy

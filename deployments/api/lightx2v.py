@@ -18,8 +18,17 @@ from ..router.service import Service
 from ..states import JobState
 from .errors import ApiError, bad_request
 from .requests import submit_video
-from .schemas import (MP4, TASK_STATES, QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse,
-                      TaskStatus, errors)
+from .schemas import (
+    MP4,
+    TASK_STATES,
+    QueueStatus,
+    ServiceStatus,
+    StopTaskResponse,
+    TaskRequest,
+    TaskResponse,
+    TaskStatus,
+    errors,
+)
 
 
 def _iso(t: float | None) -> str | None:

@@ -19,6 +19,14 @@ def _as_wan_error(e: BaseException) -> WanError | None:
     return WanError(status, getattr(cause, "message", str(cause)), getattr(cause, "code", None), retry)
 
 
+def _reraise(e: BaseException):
+    """Raise e again: as a WanError when the router refused the call, else as it is."""
+    err = _as_wan_error(e)
+    if err is None:
+        raise e
+    raise err from e
+
+
 def _arguments(op: str, args: tuple) -> tuple:
     if op == "submit" and isinstance(args[1], Path):  # a str image is the router's: base64 or a rooted path
         return args[0], args[1].read_bytes()
@@ -42,10 +50,7 @@ class HandleClient(SyncCore):
         try:
             out = getattr(self.handle, op).remote(*_arguments(op, args)).result(timeout_s=op_timeout(op, self.timeout))
         except Exception as e:
-            err = _as_wan_error(e)
-            if err is None:
-                raise
-            raise err from e
+            _reraise(e)
         return _answer(op, args, out)
 
 
@@ -60,8 +65,5 @@ class AsyncHandleClient(AsyncCore):
         try:
             out = await getattr(self.handle, op).remote(*_arguments(op, args))
         except Exception as e:
-            err = _as_wan_error(e)
-            if err is None:
-                raise
-            raise err from e
+            _reraise(e)
         return _answer(op, args, out)

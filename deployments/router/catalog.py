@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from model.config import format_size, parse_size
 from model.files import write_atomic
 
-from ..config import AppArgs, ModelSpec, format_size, parse_size
 from ..api.errors import ApiError, bad_request
+from ..config import AppArgs, ModelSpec
 
 log = logging.getLogger("ray.serve")
 

@@ -76,7 +76,10 @@ class ModelDispatcher:
         to go to). One answer per replica; a replica that fails to answer is logged and counted."""
         try:
             answers = await self.handle.broadcast("cancel_orphans").results_async(timeout_s=10, return_exceptions=True)
-        except Exception as e:  # no replica up yet, controller busy: nothing runs there to stop
+        except DeploymentUnavailableError:  # no replica up yet (the first start): nothing runs there to stop
+            log.debug("cancel_orphans: %s has no replica yet", self.name)
+            return []
+        except Exception as e:  # the controller did not answer: the replicas' jobs may still run; say so
             self.errors.record("cancel_orphans", self.name, e)
             return []
         stopped = []

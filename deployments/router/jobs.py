@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from model.config import format_size
+
 from ..api.errors import ApiError, bad_request, not_found
-from ..config import AppArgs, format_size, retry_after_s
+from ..config import AppArgs, retry_after_s
 from ..loops import LoopErrors
 from ..states import JobKind, JobState
 from ..storage.jobs import Job, JobStore

@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import AppArgs, format_size
+from model.config import format_size
+
+from ..config import AppArgs
 from ..loops import LoopErrors
 from ..storage.jobs import JobStore
 from ..storage.sessions import SessionStore

@@ -11,9 +11,10 @@ import asyncio
 from typing import Any
 
 from engine.tiers import Tier
+from model.config import format_size
 
 from ..api.errors import ApiError, bad_request, not_found
-from ..config import AppArgs, format_size
+from ..config import AppArgs
 from ..states import JobKind, SessionStatus
 from ..storage.jobs import Job
 from ..storage.sessions import SessionStore, new_session_id
