@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ import torch
 
 from model.archs import ComponentArchs, DiTArch, T5Arch, VaeArch
 from model.config import shift_sigma
+from model.files import atomic_path
 from model.tiny import TINY_CLIP, random_weights, t5_official_shapes, word_tokenizer
 
 from .data import GRAMMAR_WORDS
@@ -221,11 +221,9 @@ class Log:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through model/files.py: a crash mid-save leaves the previous checkpoint."""
+    with atomic_path(path) as part:
+        torch.save(obj, part)
 
 
 def rng_state() -> dict:

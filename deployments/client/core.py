@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from model.files import write_atomic
+
 from ..states import TERMINAL_STATES, JobState
 
 LONG_OPS = frozenset({"open_session", "session_video"})  # may take minutes: at least LONG_TIMEOUT_S
@@ -90,10 +92,8 @@ def queue_pause(err: WanError, deadline: float) -> float | None:
 
 
 def write_file(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    """A downloaded video, written atomically (model/files.py: never half a file at `path`)."""
+    return write_atomic(path, data)
 
 
 class Deadline:
