@@ -61,6 +61,11 @@ class Generator:
         log.info("generator %s replica %s ready: %d rank(s) on %s", self.spec.name, self.replica_id,
                  self.spec.sp_size, self.spec.device)
 
+    async def __del__(self):
+        """Serve shuts the replica down: its loops stop first (their threads go with the event loop)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def _group_rebuilt(self, group) -> None:
         """The old group is gone (group None: every session cache with it) or a new one is up."""
         if self.sessions is None:
