@@ -129,10 +129,10 @@ def dit_module(arch: DiTArch, sd: StateDict, dtype: torch.dtype, scheme: str | N
 # The loader, and the same steps for one file
 # --------------------------------------------------------------------------------------------------
 def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, device: str | torch.device,
-                      lora_roots: Sequence[str | Path] | None = None) -> WanModel:
+                      lora_roots: Sequence[str | Path] | None = None, arch: DiTArch | None = None) -> WanModel:
     """The DiT cfg asks for: its files, every LoRA merged in order, quantized on load when `dit_quantized`
-    has no pre-quantized file (after the merge)."""
-    arch = read_dit_arch(folder)
+    has no pre-quantized file (after the merge). arch: the folder's, when the caller has read it already."""
+    arch = arch or read_dit_arch(folder)
     files = dit_files(folder, cfg)  # 1
     log.info("loading DiT weights from %s", files.path)
     source = str(files.path)

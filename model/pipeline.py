@@ -334,9 +334,10 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     folder = ModelFolder.open(model_path)
-    check(cfg, read_dit_arch(folder))  # before loading gigabytes
+    arch = read_dit_arch(folder)
+    check(cfg, arch)  # before loading gigabytes
     archs = component_archs(folder)
-    dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots)
+    dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots, arch)
     if denoise_only:
         return dit, None, None, None
     text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,

@@ -444,9 +444,9 @@ class JobStore:
             return None
         with atomic_path(self.files.block_path(job_id, index)) as part:
             part.write_bytes(data)
-        with self._write() as c:
-            c.execute("UPDATE jobs SET blocks = MAX(blocks, ?) WHERE id = ? AND state = 'in_progress'",
-                      (int(index) + 1, job_id))
+        with self._write() as c:  # fenced again: the job may have been requeued while the file was written
+            c.execute("UPDATE jobs SET blocks = MAX(blocks, ?) WHERE id = ? AND state = 'in_progress' AND attempts = ?",
+                      (int(index) + 1, job_id, job.attempts if attempt is None else attempt))
             return self._get(c, job_id)
 
     def purge(self, now: float | None = None, on_error: OnError | None = None) -> PurgeResult:
