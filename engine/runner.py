@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 from model.attention import LOCAL, TokenLayout
 from model.config import ConfigError
+from model.kernels import KernelError
 from model.pipeline import Cancelled, Conditioning, Generation, Progress, Request, RequestError, StageTimer, WanPipeline
-from parallel.attention import CommStats, SequenceParallelLayout
+from parallel.attention import CommStats, SequenceParallelLayout, load_usp
 from parallel.fsdp import shard_dit
 from parallel.group import Group, GroupLayout
 
@@ -30,7 +31,16 @@ def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
     if group.rank == 0 and pipe.denoise_only:
         raise ConfigError("rank 0 needs the whole pipeline (it encodes and decodes); load it without denoise_only")
     stats = CommStats()
-    layout = SequenceParallelLayout(group, stats) if group.sp.size > 1 else LOCAL
+    kernel = pipe.dit.kernels.self_attn
+    if group.ring.size > 1 and not kernel.has_lse:
+        raise KernelError(f"self_attn_1_type = {kernel.name} returns no log-sum-exp, which ring attention merges "
+                          f"by (ring degree {group.ring.size}); use flash_attn3, flash_attn2 or torch_sdpa, or Ulysses")
+    backend = pipe.cfg.parallel.sp_backend if pipe.cfg.parallel is not None else "wanserve"
+    layout = SequenceParallelLayout(group, stats, backend) if group.sp.size > 1 else LOCAL
+    if backend != "wanserve":  # built now: a backend that cannot run fails the load, not the first request
+        if torch.device(pipe.device).type != "cuda":
+            raise KernelError(f"parallel.sp_backend = {backend}: runs on CUDA only; this rank is on {pipe.device}")
+        layout.attn._usp = load_usp(backend, kernel.name, group.ulysses, group.ring)
     pipe.dit.layout = layout
     return stats, layout
 

@@ -1,27 +1,14 @@
-"""The one attention function of the DiT, and the seam where sequence parallelism plugs in.
+"""The seam where sequence parallelism plugs into the DiT: where the tokens of a forward live.
 
-Every self-attention call of `WanModel` goes through a `TokenLayout`: the default one is a single process
-holding all tokens (SDPA). `parallel/` provides another layout that shards tokens over a process group;
-the model code is the same either way.
+Every self-attention call of `WanModel` goes through a `TokenLayout` with the block's configured kernel
+(model/kernels.py): the default layout is a single process holding all tokens. `parallel/` provides
+another layout that shards tokens over a process group; the model code is the same either way.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-              causal: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention on [B, L, H, D] tensors (scale 1/sqrt(D)).
-
-    key_mask: bool [B, Lk] (or [Lk]), True = attend. Computed in the dtype of q.
-    """
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v.to(q.dtype)))
-    mask = None
-    if key_mask is not None:
-        mask = key_mask.view(-1, 1, 1, key_mask.shape[-1]) if key_mask.dim() == 2 else key_mask.view(1, 1, 1, -1)
-    out = F.scaled_dot_product_attention(qt, kt.to(q.dtype), vt, attn_mask=mask, is_causal=causal and mask is None)
-    return out.transpose(1, 2)
+from .kernels import SDPA, AttentionKernel
 
 
 class TokenLayout:
@@ -37,9 +24,10 @@ class TokenLayout:
         """Reassemble the full [B, length, ...] tensor from every process's part."""
         return x
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kernel: AttentionKernel = SDPA) -> torch.Tensor:
         """Full bidirectional attention of this process's queries over all keys of the sequence."""
-        return attention(q, k, v)
+        return kernel(q, k, v)
 
 
 LOCAL = TokenLayout()

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .attention import attention
+from .kernels import SDPA, AttentionKernel, attention
 from .dit import ROPE_MAX_POSITIONS, WanModel, rope_freqs
 
 __all__ = ["ROPE_MAX_POSITIONS", "KVCache", "SlotKV", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
@@ -194,7 +193,8 @@ class KVCache:
 
 
 
-def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV) -> torch.Tensor:
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV,
+                    kernel: AttentionKernel = SDPA) -> torch.Tensor:
     """The block's self-attention over the cache: write the block's k/v into `layer`, attend q over all of it.
 
     q, k: post-RoPE, v raw, [B, block tokens, H, D]. The sequence-parallel seam (ARCHITECTURE.md): a
@@ -202,7 +202,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: La
     """
     layer.write(k, v)
     keys, values = layer.view()
-    return attention(q, keys, values)
+    return kernel(q, keys, values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,17 +225,20 @@ def block_causal_mask(frames: int, block_frames: int, window: int | None = None,
     return mask
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA on [B, L, H, D] with a bool [Lq, Lk] mask (True = attend)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
-                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask[None, None])
-    return out.transpose(1, 2)
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     kernel: AttentionKernel = SDPA) -> torch.Tensor:
+    """[B, L, H, D] attention under a dense bool [Lq, Lk] mask (True = attend): SDPA only (the CUDA kernels
+    take no dense mask), so another configured kernel is an error, not a quiet switch."""
+    if kernel is not SDPA:
+        raise ValueError(f"the block-causal full-sequence forward needs torch_sdpa (a dense mask); the DiT is "
+                         f"configured with {kernel.name}")
+    return attention(q, k, v, attn_mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
 # The causal DiT
 # --------------------------------------------------------------------------------------------------
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LayerKV], torch.Tensor]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LayerKV, AttentionKernel], torch.Tensor]
 CacheFactory = Callable[[int, "int | None", int, int], KVCache]  # (layers, window, sink, block frames) -> cache
 
 
@@ -321,7 +324,7 @@ class CausalDiT:
             e, e0 = layout.shard(e), layout.shard(e0)
         cache.begin(frame_start, grid[0])
         for blk, kv, layer in zip(dit.blocks, context_kv, cache.layers, strict=True):
-            tokens = blk(tokens, e0, freqs, kv, lambda q, k, v, layer=layer: self.attend(q, k, v, layer))
+            tokens = blk(tokens, e0, freqs, kv, lambda q, k, v, kern, layer=layer: self.attend(q, k, v, layer, kern))
         if not output:
             return None
         out = layout.gather(dit.head(tokens, e).float(), length)
@@ -345,7 +348,7 @@ class CausalDiT:
         frame_mask = block_causal_mask(f, self.block_frames, self.window, self.sink)
         mask = frame_mask.repeat_interleave(h * w, 0).repeat_interleave(h * w, 1).to(tokens.device)
         for blk, blk_kv in zip(dit.blocks, kv):
-            tokens = blk(tokens, e0, freqs, blk_kv, lambda q, k, v: masked_attention(q, k, v, mask))
+            tokens = blk(tokens, e0, freqs, blk_kv, lambda q, k, v, kern: masked_attention(q, k, v, mask, kern))
         return dit.unpatchify(dit.head(tokens, e).float(), grid)
 
 

@@ -1,7 +1,7 @@
 """LightX2V-compatible runtime configuration: the config_json keys wanserve acts on.
 
 Users bring LightX2V `config_json` files and official/diffusers model folders, so both are read as they
-are. Unknown LightX2V keys (attention kernels, offload settings, ...) are kept and reported, never fatal.
+are. Unknown LightX2V keys (offload settings, ...) are kept and reported, never fatal.
 A bad value fails with the key, the value and the rule it broke; a key wanserve would not act on in the
 given combination is refused, never silently ignored. Architectures are model/archs.py.
 """
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from . import registry
 from .archs import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, DiTArch, latent_frames
+from .kernels import DEFAULT_KERNEL, KERNEL_KEYS, check_kernel_name
 from .validation import ConfigError, validated
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,18 @@ class ParallelConfig(BaseModel):
     ulysses_degree: int | None = Field(None, ge=1)
     ring_degree: int | None = Field(None, ge=1)
     dit_fsdp: bool = False
+    # wanserve: who runs the sequence-parallel attention of the bidirectional forward: wanserve's own Ulysses x
+    # ring (with the configured self_attn_1_type kernel), or xDiT's / yunchang's LongContextAttention (CUDA)
+    sp_backend: Literal["wanserve", "xfuser", "yunchang"] = "wanserve"
 
     @model_validator(mode="after")
     def _check(self):
         u, r = self.degrees()
         if u * r != self.seq_p_size:
             raise ValueError(f"seq_p_size = {self.seq_p_size}: must equal ulysses_degree*ring_degree ({u}*{r})")
+        if self.sp_backend != "wanserve" and self.seq_p_size == 1:
+            raise ValueError(f"sp_backend = {self.sp_backend!r}: shards attention over seq_p_size > 1 ranks; with "
+                             "seq_p_size = 1 drop the key")
         return self
 
     def degrees(self) -> tuple[int, int]:
@@ -131,6 +138,16 @@ class RunConfig(BaseModel):
     # wanserve: how fragment k+1 continues fragment k (model/causal.py): "cache" keeps the session's K/V cache
     # (positions keep counting); "last_block" restarts it from the previous fragment's last block (LightX2V).
     fragment_continuation: Literal["cache", "last_block"] = "cache"
+    # attention kernels by LightX2V's keys (model/kernels.py); a kernel that cannot run here fails the load
+    self_attn_1_type: str = DEFAULT_KERNEL
+    cross_attn_1_type: str = DEFAULT_KERNEL
+    cross_attn_2_type: str = DEFAULT_KERNEL  # the i2v image branch; validated for t2v too (LightX2V sets it)
+    # wanserve: torch.compile the DiT blocks, warmed up at load for the config's size and `warmup_sizes`
+    compile: bool = False
+    warmup_sizes: list[str] | None = None  # extra "WIDTHxHEIGHT" sizes compiled before the first request
+    # wanserve: how fp8 weights multiply: scaled fp8 GEMMs where the GPU has them ("auto"), always
+    # ("scaled_mm", an error where unsupported), or dequantized to the compute dtype first ("dequant")
+    dit_fp8_compute: Literal["auto", "scaled_mm", "dequant"] = "auto"
 
     @field_validator("target_video_length")
     @classmethod
@@ -160,6 +177,22 @@ class RunConfig(BaseModel):
             raise ValueError("timesteps must be strictly decreasing")
         return v
 
+    @field_validator("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")
+    @classmethod
+    def _kernel(cls, v):
+        return check_kernel_name(v)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _warmup(cls, v):
+        if v is None:
+            return v
+        for size in v:
+            h, w = parse_size(size)
+            if h % 16 or w % 16:
+                raise ValueError(f"{size}: width and height must be multiples of 16")
+        return v
+
     @field_validator("dit_quant_scheme", "t5_quant_scheme", "clip_quant_scheme")
     @classmethod
     def _quant(cls, v):
@@ -172,6 +205,12 @@ class RunConfig(BaseModel):
             raise ValueError(f"enable_cfg = true: must be false for model_cls={self.model_cls} (the student was "
                              "distilled without CFG; set \"enable_cfg\": false)")
         self._check_weights(mc)
+        if self.warmup_sizes and not self.compile:
+            raise ValueError(f"warmup_sizes = {self.warmup_sizes}: warm-up compiles the DiT; set compile = true or drop "
+                             "the key")
+        if self.dit_fp8_compute == "scaled_mm" and not (self.dit_quantized and self.dit_quant_scheme.startswith("fp8")):
+            raise ValueError("dit_fp8_compute = 'scaled_mm': needs fp8 weights (dit_quantized = true with an fp8-* "
+                             "dit_quant_scheme)")
         if mc.sessions:
             if self.num_frames != self.num_frame_per_block * self.num_blocks:
                 raise ValueError(f"num_frames = {self.num_frames}: must equal num_frame_per_block*num_blocks "
@@ -229,6 +268,11 @@ class RunConfig(BaseModel):
     @property
     def extras(self) -> dict[str, Any]:
         return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def kernel_names(self) -> dict[str, str]:
+        """{LightX2V attention key: kernel name} (model/kernels.py)."""
+        return {key: getattr(self, key) for key in KERNEL_KEYS}
 
     @property
     def steps(self) -> int:

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .archs import DiTArch
-from .attention import LOCAL, TokenLayout, attention
+from .attention import LOCAL, TokenLayout
+from .kernels import SDPA, DiTKernels
 
 ROPE_MAX_POSITIONS = 1024
 
@@ -105,6 +106,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.kernel = SDPA  # model/kernels.py; WanModel.use_kernels sets the configured one
 
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor):
         """Rotated q, k and raw v as [B, L, H, D] (the CausVid cache stores k after RoPE)."""
@@ -116,9 +118,9 @@ class SelfAttention(nn.Module):
         return apply_rope(q, freqs), apply_rope(k, freqs), v
 
     def forward(self, x, freqs, attend):
-        """attend(q, k, v) -> [B, L, H, D]: the layout's attention, or the CausVid cache's."""
+        """attend(q, k, v, kernel) -> [B, L, H, D]: the layout's attention, or the CausVid cache's."""
         q, k, v = self.qkv(x, freqs)
-        return self.o(attend(q, k, v).flatten(2))
+        return self.o(attend(q, k, v, self.kernel).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -131,6 +133,7 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.image = image
+        self.kernel = self.image_kernel = SDPA  # text / image branch (cross_attn_1_type / cross_attn_2_type)
         if image:
             self.k_img, self.v_img = Linear(dim, dim), Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -147,9 +150,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, kv):
         q = self._heads(self.norm_q(self.q(x)))
-        out = attention(q, kv[0], kv[1]).flatten(2)
+        out = self.kernel(q, kv[0], kv[1]).flatten(2)
         if self.image:
-            out = out + attention(q, kv[2], kv[3]).flatten(2)
+            out = out + self.image_kernel(q, kv[2], kv[3]).flatten(2)
         return self.o(out)
 
 
@@ -234,6 +237,19 @@ class WanModel(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
         return self
+
+    # ---- attention kernels ----
+    def use_kernels(self, kernels: DiTKernels) -> "WanModel":
+        """Run every block's attention with these kernels (model/kernels.py)."""
+        for blk in self.blocks:
+            blk.self_attn.kernel = kernels.self_attn
+            blk.cross_attn.kernel, blk.cross_attn.image_kernel = kernels.cross_text, kernels.cross_image
+        self._kernels = kernels
+        return self
+
+    @property
+    def kernels(self) -> DiTKernels:
+        return getattr(self, "_kernels", None) or DiTKernels()
 
     # ---- pieces shared with the causal model ----
     def rope_tables(self):

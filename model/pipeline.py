@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, ModelFolder
 from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import ImageEncoder, TextEncoder
+from .kernels import resolve_kernels
 from .loader import default_dtype, load_pipeline_dit, read_dit_arch
 from .schedulers import make_sampler
 from .vae import WanVAE
@@ -337,7 +338,8 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
     arch = read_dit_arch(folder)
     check(cfg, arch)  # before loading gigabytes
     archs = component_archs(folder)
-    dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots, arch)
+    kernels = resolve_kernels(cfg.kernel_names, device, dtype)  # before any weight is read: fail fast
+    dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots, arch).use_kernels(kernels)
     if denoise_only:
         return dit, None, None, None
     text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,

@@ -4,9 +4,9 @@ The DiT asks its `TokenLayout` (model/attention.py) to shard the tokens, to atte
 `SequenceParallelLayout` answers over an SP group of P = ulysses x ring ranks: shard (zero-pad to a multiple
 of P, keep rank p's contiguous chunk), attend (Ulysses all-to-all, then ring attention merged by
 log-sum-exp), gather. Padding keys are masked, so SP equals one process to fp32 round-off for every
-length. `attend_segments` takes a list of K/V segments (CausVid: cache + current block). Kernels: torch's
-CPU flash attention (it returns the lse); on CUDA, xDiT's / yunchang's when they fit. ARCHITECTURE.md
-("parallel") has the design.
+length. `attend_segments` takes a list of K/V segments (CausVid: cache + current block). Local kernels:
+the DiT's configured ones (model/kernels.py; merges need their log-sum-exp); `sp_backend` xfuser / yunchang
+hands the bidirectional forward to their layers instead. ARCHITECTURE.md ("parallel") has the design.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.attention import TokenLayout, attention
+from model.attention import TokenLayout
+from model.kernels import SDPA, AttentionKernel, KernelError
 
 from .group import Group, SubGroup, wait
 
@@ -52,46 +53,6 @@ class KVSegment:
         return k, v, mask
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):
-    """Attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] -> (out [B, Lq, H, D] in q's dtype,
-    lse [B, H, Lq] float32). A sample whose keys are all masked gets out 0 and lse -inf (it adds nothing
-    when merged)."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v.to(q.dtype)))
-    kt = kt.to(q.dtype)
-    bias = None
-    if key_mask is not None:
-        shape = (-1, 1, 1, key_mask.shape[-1]) if key_mask.dim() == 2 else (1, 1, 1, -1)
-        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, -math.inf)
-        bias = bias.view(shape)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, attn_mask=bias)
-    elif q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
-    else:
-        out, lse = _math_attention_lse(qt, kt, vt, bias)
-    out, lse = out.transpose(1, 2), lse.float()
-    if key_mask is not None:
-        empty = ~key_mask.any(-1).view(-1)  # [B] or [1]: no key at all for that sample
-        if bool(empty.any()):
-            out = out.masked_fill(empty.view(-1, 1, 1, 1), 0.0)
-            lse = lse.masked_fill(empty.view(-1, 1, 1), -math.inf)
-    return out, lse
-
-
-def _math_attention_lse(q, k, v, bias, chunk: int = 1024):
-    """Exact attention with log-sum-exp on [B, H, L, D], in float32, a chunk of queries at a time."""
-    outs, lses = [], []
-    scale = q.shape[-1] ** -0.5
-    for i in range(0, q.shape[2], chunk):
-        s = (q[:, :, i:i + chunk].float() @ k.float().transpose(-1, -2)) * scale
-        if bias is not None:
-            s = s + bias.float()
-        lse = torch.logsumexp(s, dim=-1)
-        outs.append((torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype))
-        lses.append(lse)
-    return torch.cat(outs, 2), torch.cat(lses, 2)
-
-
 def merge_partial(acc, part):
     """Combine two softmax-normalised partial outputs over disjoint key sets by their log-sum-exps.
 
@@ -107,21 +68,22 @@ def merge_partial(acc, part):
     return out_a * w_a + out_b.float() * w_b, lse
 
 
-def attend_segments(q: torch.Tensor, segments: list[KVSegment], start: int = 0) -> torch.Tensor:
-    """Local attention of q over the concatenation of the segments' valid keys.
+def attend_segments(q: torch.Tensor, segments: list[KVSegment], kernel: AttentionKernel = SDPA,
+                    start: int = 0) -> torch.Tensor:
+    """Local attention of q over the concatenation of the segments' valid keys, with `kernel`.
 
     start: segment-global index of the first key held (0 when the segments are whole). One segment goes
-    through the DiT's own attention function (bit-identical to the single-process path); several are
-    merged by log-sum-exp.
+    through the kernel's plain call (bit-identical to the single-process path); several are merged by
+    log-sum-exp.
     """
     blocks = [b for b in (s.block(start) for s in segments) if b[0].shape[1] > 0]
     if not blocks:
         raise ValueError("attention over an empty key set (every key is masked)")
     if len(blocks) == 1:
-        return attention(q, *blocks[0][:2], key_mask=blocks[0][2])
+        return kernel(q, *blocks[0][:2], key_mask=blocks[0][2])
     acc = None
     for k, v, mask in blocks:
-        acc = merge_partial(acc, attention_lse(q, k, v, mask))
+        acc = merge_partial(acc, kernel.with_lse(q, k, v, mask))
     return acc[0].to(q.dtype)
 
 
@@ -155,11 +117,11 @@ def _global(group: SubGroup, index: int) -> int:
 class SequenceParallelAttention:
     """Ulysses x ring attention of local queries over local K/V segments (see the module docstring)."""
 
-    def __init__(self, ulysses: SubGroup, ring: SubGroup, stats: CommStats | None = None, use_fast_cuda: bool = True):
+    def __init__(self, ulysses: SubGroup, ring: SubGroup, stats: CommStats | None = None, backend: str = "wanserve"):
         self.ulysses, self.ring = ulysses, ring
         self.stats = stats or CommStats()
-        self.use_fast_cuda = use_fast_cuda
-        self._fast = None
+        self.backend = backend
+        self._usp = None  # xDiT's / yunchang's layer, built on the first CUDA forward
 
     @property
     def size(self) -> int:
@@ -195,7 +157,7 @@ class SequenceParallelAttention:
         return recv.permute(1, 2, 0, 3, 4).reshape(b, us // u, u * hu, d)
 
     # ---- ring ----
-    def _ring_attend(self, q: torch.Tensor, segments: list[KVSegment]) -> torch.Tensor:
+    def _ring_attend(self, q: torch.Tensor, segments: list[KVSegment], kernel: AttentionKernel) -> torch.Tensor:
         """q [B, Lq, h, D] over the ring's K/V blocks; segment j of member m covers positions [m*n_j, (m+1)*n_j)."""
         ring = self.ring
         r, me = ring.size, ring.rank
@@ -213,7 +175,7 @@ class SequenceParallelAttention:
             for seg, kv in zip(segments, buf.split(lens, dim=2)):
                 k, v, mask = seg.block(src * kv.shape[2], kv[0], kv[1])
                 if k.shape[1]:
-                    acc = merge_partial(acc, attention_lse(q, k, v, mask))
+                    acc = merge_partial(acc, kernel.with_lse(q, k, v, mask))
             for req in reqs:
                 self.stats.timed(wait, req)
             if nxt is not None:
@@ -223,7 +185,7 @@ class SequenceParallelAttention:
         return acc[0].to(q.dtype)
 
     # ---- entry point ----
-    def __call__(self, q: torch.Tensor, segments: list[KVSegment]) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, segments: list[KVSegment], kernel: AttentionKernel = SDPA) -> torch.Tensor:
         """q [B, s, H, D] (this rank's chunk of the queries) over the segments (this rank's chunks of each).
 
         Chunks are contiguous and in SP-rank order: SP rank p holds positions [p*n, (p+1)*n) of a segment
@@ -233,75 +195,70 @@ class SequenceParallelAttention:
         if heads % u:
             raise ValueError(f"Ulysses degree {u} must divide the number of attention heads ({heads}); use a "
                              "ring degree for the rest of the group")
-        fast = self._fast_cuda(q, segments)
-        if fast is not None:
-            return fast
+        if self.backend != "wanserve" and self._usp_fits(q, segments):
+            seg = segments[0]
+            return self._usp_layer(kernel)(q, seg.k.to(q.dtype), seg.v.to(q.dtype))
         q, *kv = self.scatter_heads([q] + [t for s in segments for t in (s.k, s.v)])
         segs = [KVSegment(k, v, s.valid, s.key_mask) for s, k, v in zip(segments, kv[0::2], kv[1::2])]
-        return self.gather_heads(self.attend_scattered(q, segs))
+        return self.gather_heads(self.attend_scattered(q, segs, kernel))
 
-    def attend_scattered(self, q: torch.Tensor, segments: list[KVSegment]) -> torch.Tensor:
+    def attend_scattered(self, q: torch.Tensor, segments: list[KVSegment],
+                         kernel: AttentionKernel = SDPA) -> torch.Tensor:
         """After `scatter_heads`: q [B, n, H/U, D] over this ring member's segments (member m holds positions
         [m*n_j, (m+1)*n_j) of segment j); locally when the ring has one member."""
         if self.ring.size == 1:
-            return attend_segments(q, segments)
-        return self._ring_attend(q, segments)
+            return attend_segments(q, segments, kernel)
+        return self._ring_attend(q, segments, kernel)
 
-    # ---- CUDA fast path ----
-    def _fast_cuda(self, q: torch.Tensor, segments: list[KVSegment]):
-        """xDiT/yunchang kernels: CUDA, half precision, one segment, nothing to mask."""
-        if not (self.use_fast_cuda and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and len(segments) == 1 and segments[0].key_mask is None
-                and (segments[0].valid is None or segments[0].valid >= self.size * segments[0].k.shape[1])):
-            return None
-        if self._fast is None:
-            self._fast = _load_cuda_usp(self.ulysses, self.ring)
-        if self._fast is False:
-            return None
+    # ---- xDiT / yunchang (parallel.sp_backend) ----
+    def _usp_fits(self, q: torch.Tensor, segments: list[KVSegment]) -> bool:
+        """Their layers take whole, unpadded, unmasked sequences in half precision on CUDA: the bidirectional
+        forward at a token count the group divides. Anything else (CausVid cache segments, padded lengths)
+        runs wanserve's path with the same kernel (ARCHITECTURE.md, "parallel")."""
         seg = segments[0]
-        return self._fast(q, seg.k.to(q.dtype), seg.v.to(q.dtype))
+        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and len(segments) == 1
+                and seg.key_mask is None and (seg.valid is None or seg.valid >= self.size * seg.k.shape[1]))
+
+    def _usp_layer(self, kernel: AttentionKernel):
+        if self._usp is None:
+            self._usp = load_usp(self.backend, kernel.name, self.ulysses, self.ring)
+        return self._usp
 
 
-def _load_cuda_usp(ulysses: SubGroup, ring: SubGroup):
-    """xFuserLongContextAttention, else yunchang's LongContextAttention, bound to our groups (both read the
-    groups from yunchang's globals when built); False when neither can be used (then: our own path)."""
+USP_ATTN_TYPES = {"torch_sdpa": "TORCH_FLASH", "flash_attn2": "FA", "flash_attn3": "FA3", "sage_attn2": "SAGE_AUTO"}
+
+
+def load_usp(backend: str, kernel: str, ulysses: SubGroup, ring: SubGroup, probe=None):
+    """xFuserLongContextAttention or yunchang's LongContextAttention running `kernel`, bound to our groups
+    (both read them from yunchang's globals when built). Any reason it cannot be built is a KernelError
+    naming it: the configured backend runs, or the load fails. probe(module) -> installed? (tests)."""
     import importlib.util
-    import logging
 
-    log = logging.getLogger(__name__)
-    try:
-        import yunchang.globals as yg
-        from yunchang.kernels import AttnType
-    except ImportError:
-        log.info("yunchang is not installed: CUDA sequence parallelism uses parallel.attention's own kernels")
-        return False
+    probe = probe or (lambda m: importlib.util.find_spec(m) is not None)
+    where = f"parallel.sp_backend = {backend}"
+    if backend not in ("xfuser", "yunchang"):
+        raise KernelError(f"{where}: unknown backend (expected wanserve, xfuser or yunchang)")
+    if not probe(backend):
+        raise KernelError(f"{where}: the {backend} package is not installed (pip install -e \".[cuda]\")")
+    if backend == "xfuser" and not probe("flash_attn"):  # xDiT's ring module imports flash_attn at import time
+        raise KernelError(f"{where}: xDiT's long-context attention imports flash_attn, which is not installed; "
+                          "install flash-attn or use sp_backend = yunchang / wanserve")
+    import yunchang.globals as yg
+    from yunchang.kernels import AttnType
+
+    attn_type = getattr(AttnType, USP_ATTN_TYPES[kernel])
     yg.PROCESS_GROUP.ULYSSES_PG, yg.PROCESS_GROUP.RING_PG = ulysses.pg, ring.pg
-    attn_type = AttnType.FA if importlib.util.find_spec("flash_attn") else AttnType.TORCH_FLASH
-    candidates = []
-    if importlib.util.find_spec("xfuser"):
-        def xdit():
-            from xfuser.core.long_ctx_attention import xFuserLongContextAttention
+    if backend == "xfuser":
+        from xfuser.core.long_ctx_attention import xFuserLongContextAttention
 
-            layer = xFuserLongContextAttention(ring_impl_type="basic", attn_type=attn_type)
-            return layer, lambda q, k, v: layer(None, q, k, v)  # xDiT's forward takes `attn` first
-        candidates.append(("xfuser", xdit))
-
-    def yc():
+        layer = xFuserLongContextAttention(ring_impl_type="basic", attn_type=attn_type)
+        call = lambda q, k, v: layer(None, q, k, v)  # noqa: E731 (xDiT's forward takes `attn` first)
+    else:
         from yunchang import LongContextAttention
 
-        layer = LongContextAttention(ring_impl_type="basic", attn_type=attn_type)
-        return layer, layer
-    candidates.append(("yunchang", yc))
-    for name, make in candidates:
-        try:
-            layer, call = make()
-        except Exception as e:
-            log.warning("%s long-context attention unavailable (%s); trying the next kernel", name, e)
-            continue
-        layer.ulysses_pg, layer.ring_pg = ulysses.pg, ring.pg
-        log.info("CUDA sequence parallelism: %s LongContextAttention (%s)", name, attn_type.name)
-        return call
-    return False
+        layer = call = LongContextAttention(ring_impl_type="basic", attn_type=attn_type)
+    layer.ulysses_pg, layer.ring_pg = ulysses.pg, ring.pg
+    return call
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,10 +277,10 @@ class SequenceParallelLayout(TokenLayout):
 
     sharded = True
 
-    def __init__(self, group: Group, stats: CommStats | None = None, use_fast_cuda: bool = True):
+    def __init__(self, group: Group, stats: CommStats | None = None, backend: str = "wanserve"):
         self.sp = group.sp
         self.stats = stats or CommStats()
-        self.attn = SequenceParallelAttention(group.ulysses, group.ring, self.stats, use_fast_cuda)
+        self.attn = SequenceParallelAttention(group.ulysses, group.ring, self.stats, backend)
         self.length: int | None = None
 
     @property
@@ -346,7 +303,8 @@ class SequenceParallelLayout(TokenLayout):
                          sent=x.numel() * x.element_size() * (self.size - 1))
         return torch.cat(parts, dim=1)[:, :length]
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kernel: AttentionKernel = SDPA) -> torch.Tensor:
         if self.length is None:
             raise RuntimeError("SequenceParallelLayout.self_attention before shard(): the global length is unknown")
-        return self.attn(q, [KVSegment(k, v, valid=self.length)])
+        return self.attn(q, [KVSegment(k, v, valid=self.length)], kernel)

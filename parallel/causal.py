@@ -14,6 +14,7 @@ import math
 import torch
 
 from model.causal import CausalDiT, KVCache, LayerKV, SlotKV, cache_attention
+from model.kernels import SDPA, AttentionKernel
 
 from .attention import KVSegment, SequenceParallelLayout
 
@@ -173,7 +174,7 @@ class CausalSequenceParallel:
             return KVCache(num_layers, window, sink)
         return RingKVCache(num_layers, window, sink, block_frames, self.attn.ring.rank, self.ring)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, kernel: AttentionKernel = SDPA) -> torch.Tensor:
         heads = q.shape[2]
         if heads % self.ulysses:
             raise ValueError(f"Ulysses degree {self.ulysses} must divide the number of attention heads ({heads})")
@@ -182,10 +183,10 @@ class CausalSequenceParallel:
             raise RuntimeError("causal SP attention before the layout sharded the block (its length is unknown)")
         q, k, v = self.attn.scatter_heads([q, k, v])  # [B, U*s, H/U, D]: ring member's chunk, this rank's heads
         if isinstance(layer, LayerKV):  # Ulysses: every token of the block is here; drop the padded rows
-            out = cache_attention(q, k[:, :length], v[:, :length], layer)
+            out = cache_attention(q, k[:, :length], v[:, :length], layer, kernel)
         else:
             layer.write(k, v)
-            out = self.attn.attend_scattered(q, layer.segments(length))
+            out = self.attn.attend_scattered(q, layer.segments(length), kernel)
         return self.attn.gather_heads(out)
 
 

@@ -47,7 +47,8 @@ def test_lightx2v_files_as_is(tmp_path):
         p = tmp_path / f"{i}.json"
         p.write_text(json.dumps(data))
         cfg = load_run_config(p)
-        assert cfg.extras.get("self_attn_1_type", "flash_attn3") == "flash_attn3"
+        assert cfg.self_attn_1_type == data.get("self_attn_1_type", "torch_sdpa") and not any(
+            k.endswith("_attn_1_type") for k in cfg.extras)  # acted on (model/kernels.py), not kept unused
     causvid = load_run_config(LIGHTX2V_CAUSVID, model_cls="wan2.1_causvid")
     assert causvid.steps == 9 and causvid.num_blocks == 7 and causvid.latent_shape == (21, 60, 104)
     causvid.check_arch(WAN21_T2V_14B)  # 1560 tokens per latent frame at 480x832

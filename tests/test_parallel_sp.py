@@ -54,7 +54,7 @@ def sp2_worker(rank, world_size, addr, port, model_root):
     from engine.runner import ParallelRunner
 
     class UnmaskedLayout(SequenceParallelLayout):  # upstream's behaviour: padded keys attended
-        def self_attention(self, q, k, v):
+        def self_attention(self, q, k, v, kernel=None):
             from parallel.attention import KVSegment
             return self.attn(q, [KVSegment(k, v)])
 

@@ -11,13 +11,8 @@ import torch
 
 from model.archs import DiTArch
 from model.config import ConfigError, load_run_config
-from parallel.attention import (
-    KVSegment,
-    SequenceParallelAttention,
-    attend_segments,
-    attention_lse,
-    merge_partial,
-)
+from model.kernels import attention, attention_lse
+from parallel.attention import KVSegment, SequenceParallelAttention, attend_segments, merge_partial
 from parallel.group import (
     CollectiveError,
     Group,
@@ -127,7 +122,6 @@ def test_segments_cache_plus_current_with_padding_and_masks():
                                  torch.cat([torch.ones(2, 7, dtype=torch.bool), none], 1))
     assert (out.double() - ref).abs().max() < 1e-5
     # one segment: the DiT's own attention function, bit for bit
-    from model.attention import attention
     assert torch.equal(attend_segments(q, [KVSegment(kn, vn)]), attention(q, kn, vn))
     with pytest.raises(ValueError, match="empty key set"):
         attend_segments(q, [KVSegment(kc, vc, valid=0)])
@@ -264,16 +258,29 @@ def test_world_size_must_match_the_layout():
 
 
 def test_cuda_branch_is_selected_by_device():
-    """nccl + xDiT/yunchang kernels on CUDA tensors only; a CPU tensor never reaches the import."""
-    from parallel.attention import _load_cuda_usp
+    """nccl and the xDiT/yunchang layers on CUDA tensors only; a CPU tensor never reaches them."""
+    from parallel.attention import load_usp
     from parallel.group import backend_for
 
     assert backend_for(torch.device("cuda", 3)) == "nccl" and backend_for(torch.device("cpu")) == "gloo"
-    attn = SequenceParallelAttention(SubGroup([0, 1], 0), SubGroup([0], 0))
-    attn._fast = "not loaded"  # would be used if the CPU tensor were (wrongly) sent down the fast path
+    attn = SequenceParallelAttention(SubGroup([0, 1], 0), SubGroup([0], 0), backend="yunchang")
     x = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
-    assert attn._fast_cuda(x, [KVSegment(x, x)]) is None
-    # the fast path's wiring: yunchang's layer (xfuser is not installed here) bound to our own groups
+    assert not attn._usp_fits(x, [KVSegment(x, x)])
+    # the backend's wiring: yunchang's layer (xfuser is not installed here) bound to our own groups
     uly, ring = object(), object()
-    layer = _load_cuda_usp(SubGroup([0, 1], 0, uly), SubGroup([0], 0, ring))
+    layer = load_usp("yunchang", "flash_attn3", SubGroup([0, 1], 0, uly), SubGroup([0], 0, ring))
     assert type(layer).__name__ == "LongContextAttention" and layer.ulysses_pg is uly and layer.ring_pg is ring
+    assert layer.attn_type.name == "FA3"
+
+
+def test_sp_backend_that_cannot_run_fails_naming_the_package():
+    from model.kernels import KernelError
+    from parallel.attention import load_usp
+
+    groups = SubGroup([0, 1], 0), SubGroup([0], 0)
+    with pytest.raises(KernelError, match=r"sp_backend = xfuser: the xfuser package is not installed"):
+        load_usp("xfuser", "torch_sdpa", *groups, probe=lambda m: m == "yunchang")
+    with pytest.raises(KernelError, match="imports flash_attn, which is not installed"):
+        load_usp("xfuser", "torch_sdpa", *groups, probe=lambda m: m == "xfuser")
+    with pytest.raises(ConfigError, match="sp_backend = 'xfuser': shards attention over seq_p_size > 1"):
+        load_run_config({"parallel": {"seq_p_size": 1, "sp_backend": "xfuser"}})

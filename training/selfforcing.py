@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model.attention import attention
+from model.kernels import SDPA, AttentionKernel
 from model.causal import CausalDiT, LayerKV, cache_attention
 from model.schedulers import StepDistillScheduler
 
@@ -27,13 +27,14 @@ from .sample import LATENT_SHAPE, SHIFT, STUDENT_STEPS, adherence, eval_set, on_
 BLOCK = 1  # latent frames per block (num_frame_per_block)
 
 
-def _attend_readonly(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV) -> torch.Tensor:
+def _attend_readonly(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV,
+                     kernel: AttentionKernel = SDPA) -> torch.Tensor:
     """The block's queries over [cached frames before the block | the block's own k/v]; writes nothing."""
     start, frames = layer.cache.block
     if layer.k is None or start == 0:
-        return attention(q, k, v)
+        return kernel(q, k, v)
     n = start * (k.shape[1] // frames)  # no window: frame f lives in slot f
-    return attention(q, torch.cat([layer.k[:, :n], k], 1), torch.cat([layer.v[:, :n], v], 1))
+    return kernel(q, torch.cat([layer.k[:, :n], k], 1), torch.cat([layer.v[:, :n], v], 1))
 
 
 def causal_rollout(causal: CausalDiT, ctx: torch.Tensor, noise: torch.Tensor, exit_step: int,
