@@ -32,6 +32,15 @@ def load_rank_pipeline(model_path: str | Path, cfg: RunConfig, rank: int, device
                                     denoise_only=rank != 0)
 
 
+def runtime_info(runner: CausalRunner | ParallelRunner) -> dict:
+    """What this rank runs, as /healthz and /v1/models report it: attention kernels by config key, the
+    sequence-parallel backend, compile and warm-up, how fp8 weights multiply."""
+    dit = runner.pipe.dit
+    layout = dit.layout
+    return {"attention": dit.kernels.names(), "sp_backend": layout.attn.backend if layout.sharded else None,
+            "compile": getattr(runner, "warmup", None) or {"compiled": False}}
+
+
 def rank_runner(pipe, group: Group) -> CausalRunner | ParallelRunner:
     """The runner of this pipeline's model class on this rank: CausalRunner for a class with sessions."""
     return (CausalRunner if has_sessions(pipe.cfg) else ParallelRunner)(pipe, group)

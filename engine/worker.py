@@ -13,7 +13,7 @@ from model.pipeline import Generation, Progress, Request
 from parallel.group import GroupLayout, default_device, host_address, host_store, join
 
 from .causal_runner import CausalRunner, SessionsNotSupported
-from .rank import has_sessions, load_rank_pipeline, rank_runner, session_model_classes
+from .rank import has_sessions, load_rank_pipeline, rank_runner, runtime_info, session_model_classes
 
 
 class SPWorker:
@@ -45,7 +45,7 @@ class SPWorker:
         self.group = join(self.rank, self.world_size, addr, port, layout, device=self.device, store=self._store,
                           **self.group_options)
         self.runner = rank_runner(self.pipe, self.group)
-        return self.health()
+        return {**self.health(), "runtime": runtime_info(self.runner)}
 
     def _job(self, fn, *args):
         """Run one job on this rank: fresh cancel flag and progress, busy while it runs."""

@@ -68,6 +68,7 @@ class SPWorkerGroup:
             self._kill()
             raise
         self.address = (addr, port)
+        self.runtime: dict = self.members[0].get("runtime") or {}  # rank 0's kernels, backend, compile (rank.py)
 
     # ---- jobs ----
     def run(self, request: Request, timeout: float | None = None) -> Generation:

@@ -120,6 +120,13 @@ def test_models_health_openapi(env, api):
     health = api.get("/healthz", headers={"Authorization": ""}).json()  # open without a token
     assert health["status"] == "ok"
     assert health["ready"] is True and health["models"] == {"fast": 1, "slow": 1, "i2v": 1}
+    # the kernels each replica's rank 0 runs (engine.rank.runtime_info), not the config echoed back
+    sdpa = {"self_attn_1_type": "torch_sdpa", "cross_attn_1_type": "torch_sdpa", "cross_attn_2_type": "torch_sdpa"}
+    for name in ("fast", "slow", "i2v"):
+        (runtime,) = health["runtime"][name].values()
+        assert runtime["attention"] == sdpa and runtime["compile"] == {"compiled": False}
+        info = next(m for m in models["data"] if m["id"] == name)
+        assert info["attention"] == sdpa and list(info["runtime"].values()) == [runtime]
     ready = api.get("/readyz", headers={"Authorization": ""})  # every model has its replica
     assert ready.status_code == 200 and ready.json() == {"ready": True, "waiting_for": []}
     spec = api.get("/openapi.json").json()
@@ -429,3 +436,6 @@ def test_metrics_exported_through_ray(api):
               if name == "ray_wanserve_job_latency_seconds_count" and ("model", "fast") in labels}
     assert {"queue", "dit", "vae", "total"} <= stages, stages
     assert any(name == "ray_wanserve_queue_depth" and ("model", "slow") in labels for name, labels in samples)
+    kernel = {("model", "fast"), ("attention", "self_attn_1_type"), ("kernel", "torch_sdpa")}
+    assert any(name == "ray_wanserve_attention_kernel" and kernel <= labels and v == 1 for (name, labels), v in
+               samples.items()), "the attention kernel gauge"

@@ -128,6 +128,10 @@ class ModelInfo(BaseModel):
     steps: int
     replicas: int = Field(description="running replicas (as of the router's last poll)")
     queued: int
+    attention: dict[str, str] = Field(description="attention kernel per LightX2V key (self_attn_1_type, ...); a "
+                                      "replica that cannot run one fails to load instead of falling back")
+    runtime: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per running replica: the "
+                                               "attention kernels, SP backend, compile and warm-up it runs")
 
 
 class ModelList(BaseModel):
@@ -146,6 +150,10 @@ class Health(BaseModel):
     running: int
     loop_errors: dict[str, int] = Field(default_factory=dict, description="items the router's policy loops failed "
                                         "on since it started, by loop (also wanserve_housekeeping_errors_total)")
+    runtime: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, description="per model, per running replica: the attention kernels "
+        "(self_attn_1_type, cross_attn_1_type, cross_attn_2_type), SP backend, compile and warm-up it runs "
+        "(also wanserve_attention_kernel)")
 
 
 class Ready(BaseModel):

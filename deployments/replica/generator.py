@@ -96,6 +96,7 @@ class Generator:
         return {"replica": self.replica_id, "model": self.spec.name, "busy": self._job is not None,
                 "job": self._job.id if self._job else None, "loras": [list(x) for x in self.driver.loras],
                 "rebuilds": self.driver.rebuilds, "fatal": self.driver.fatal, "pid": os.getpid(),
+                "runtime": self.driver.runtime,
                 "sessions": self.sessions.summary() if self.sessions is not None else None,
                 "loop_errors": self.errors.snapshot()}
 

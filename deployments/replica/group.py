@@ -52,6 +52,11 @@ class GroupDriver:
         self.loras = loras
         return self.group
 
+    @property
+    def runtime(self) -> dict | None:
+        """What the current group runs (kernels, SP backend, compile): engine.rank.runtime_info of rank 0."""
+        return self.group.runtime if self.group is not None else None
+
     async def rebuild(self, loras: tuple | None = None) -> None:
         """Shut the group down and start a new one in the same bundles (the old ranks' caches are gone)."""
         old, self.group = self.group, None

@@ -41,6 +41,7 @@ class DispatchHost(Protocol):
     async def session_owner(self, session_id: str | None) -> str | None: ...
     def replica_died(self, model: str) -> None: ...
     def depth(self, model: str, queued: int, running: int) -> None: ...
+    def runtime(self, model: str, replicas: dict[str, dict]) -> None: ...
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ModelDispatcher:
             return self.replicas
         self.replicas = {r["replica"]: r for r in results if isinstance(r, dict) and "replica" in r}
         self.polled_at = time.monotonic()
+        self.host.runtime(self.name, self.replicas)
         return self.replicas
 
     def idle(self) -> list[str]:

@@ -128,6 +128,9 @@ class JobService:
     def depth(self, model: str, queued: int, running: int) -> None:
         self.metrics.depth(model, queued, running)
 
+    def runtime(self, model: str, replicas: dict[str, dict]) -> None:
+        self.metrics.kernels(model, [r.get("runtime") or {} for r in replicas.values()])
+
     async def payload(self, job: Job, with_state: bool) -> dict:
         """What the generator gets: the stored request, with the image as an array (GPU pods have no
         state volume) or, for a fragment, the session's stored state when it has to be rebuilt."""

@@ -32,10 +32,23 @@ class Metrics:
                                         tag_keys=("model", "reason"))
         self.rejected = metrics.Counter("wanserve_requests_rejected_total", "requests refused, by HTTP status",
                                         tag_keys=("status",))
+        self.kernel = metrics.Gauge("wanserve_attention_kernel", "running replicas by the attention kernel they "
+                                    "run, per attention (config key)", tag_keys=("model", "attention", "kernel"))
+        self._kernel_tags: dict[str, set[tuple[str, str]]] = {}
 
     def depth(self, model: str, queued: int, running: int) -> None:
         self.queue_depth.set(queued, tags={"model": model})
         self.running.set(running, tags={"model": model})
+
+    def kernels(self, model: str, runtimes: list[dict]) -> None:
+        """Replicas per (attention, kernel); combinations no replica runs any more drop to 0."""
+        counts: dict[tuple[str, str], int] = {}
+        for rt in runtimes:
+            for attention, kernel in (rt.get("attention") or {}).items():
+                counts[(attention, kernel)] = counts.get((attention, kernel), 0) + 1
+        for key in self._kernel_tags.get(model, set()) | counts.keys():
+            self.kernel.set(counts.get(key, 0), tags={"model": model, "attention": key[0], "kernel": key[1]})
+        self._kernel_tags[model] = self._kernel_tags.get(model, set()) | counts.keys()
 
     def finished(self, model: str, state: str, timings: dict[str, float] | None = None) -> None:
         self.jobs.inc(tags={"model": model, "state": state})

@@ -76,7 +76,8 @@ class Service:
                          "sessions": spec.causvid, "sp_size": spec.sp_size, "device": spec.device,
                          "default_size": format_size(cfg.target_height, cfg.target_width),
                          "default_num_frames": cfg.target_video_length, "fps": cfg.fps, "steps": cfg.steps,
-                         "replicas": len(self.dispatchers[name].replicas), "queued": queued[name]})
+                         "replicas": len(self.dispatchers[name].replicas), "queued": queued[name],
+                         "attention": cfg.kernel_names, "runtime": self._runtimes(name)})
         return {"object": "list", "data": data, "loras": sorted(await asyncio.to_thread(self.catalog.loras))}
 
     async def health(self) -> dict:
@@ -86,7 +87,11 @@ class Service:
         ready = all(replicas.values())
         return {"status": "ok" if ready else "degraded", "ready": ready, "models": replicas,
                 "queued": await asyncio.to_thread(self.store.queue_depth), "running": running,
-                "loop_errors": self.errors.snapshot()}
+                "loop_errors": self.errors.snapshot(), "runtime": {n: self._runtimes(n) for n in self.dispatchers}}
+
+    def _runtimes(self, model: str) -> dict[str, dict]:
+        """{replica: what it runs} (engine.rank.runtime_info, as of the last status poll)."""
+        return {rid: st["runtime"] for rid, st in self.dispatchers[model].replicas.items() if st.get("runtime")}
 
     async def waiting_for_replicas(self) -> list[str]:
         """Models without a running replica (a request for them would 503); those are polled again now, so
