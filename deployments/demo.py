@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
     ap.add_argument("--out", type=Path, default=REPO / "out")
     ap.add_argument("--keep", action="store_true", help="keep serving after the demo requests (Ctrl-C ends)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="run every model on this device (default: the config's)")
     opts = ap.parse_args(argv)
 
     http, app = load_app_config(opts.config)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in args["models"]:
         if opts.model_path:
             m["model_path"] = opts.model_path
+        if opts.device:
+            m["device"] = opts.device
         if not Path(m["config_json"]).is_absolute():
             m["config_json"] = str(REPO / m["config_json"])
     args["state_dir"] = str(opts.out / "demo-state")
