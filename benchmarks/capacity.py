@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ring", type=int, help="ring degree (default: --sp / --ulysses)")
     p.add_argument("--cfg-parallel", type=int, choices=[1, 2], default=1,
                    help="2: cond and uncond on two SP groups (doubles the GPUs per replica)")
-    p.add_argument("--dtype", choices=list(cap.DTYPES), default="bf16",
-                   help="DiT weights (int8/fp8: weight-only, compute in bf16; fp32: upstream Wan's master weights)")
+    p.add_argument("--dtype", choices=list(cap.DTYPES),
+                   help="DiT weights (default bf16, fp8 with --fp8-compute; int8/fp8: weight-only, compute in "
+                        "bf16; fp32: upstream Wan's master weights)")
+    p.add_argument("--fp8-compute", action="store_true",
+                   help="fp8 weights through scaled fp8 GEMMs at the FP8 peak (dit_fp8_compute; Ada/Hopper only)")
     p.add_argument("--fsdp", action="store_true", help="shard DiT and T5 weights over the SP group")
     p.add_argument("--offload", action="store_true", help="copy DiT and T5 host<->GPU for every video")
     p.add_argument("--gpu", choices=sorted(cap.GPUS), default="H100")
@@ -63,8 +66,9 @@ def workload(args) -> cap.Workload:
                               ulysses_degree=args.ulysses, ring_degree=args.ring).degrees()
     return cap.Workload(model=args.model, task=args.task, height=args.size[0], width=args.size[1],
                         frames=args.frames, steps=args.steps, cfg=args.cfg, ulysses=u, ring=r,
-                        cfg_parallel=args.cfg_parallel, dtype=args.dtype, fsdp=args.fsdp, offload=args.offload,
-                        causvid_window=args.causvid_window)
+                        cfg_parallel=args.cfg_parallel, dtype=args.dtype or ("fp8" if args.fp8_compute else "bf16"),
+                        fsdp=args.fsdp, offload=args.offload, causvid_window=args.causvid_window,
+                        fp8_compute=args.fp8_compute)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         w = workload(args)
+        out = report.workload_json(w, args.gpu, args.target_vpm)  # refuses fp8 compute on a GPU without fp8
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report.workload_json(w, args.gpu, args.target_vpm), indent=2))
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -36,12 +36,15 @@ from capacity.hardware import GPUS  # noqa: E402
 from model.archs import WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch  # noqa: E402
 from model.dit import WanModel  # noqa: E402
 from model.kernels import KERNEL_NAMES, KernelError, attention, resolve_kernel  # noqa: E402
-from model.quant import QuantLinear  # noqa: E402
+from model.quant import QuantLinear, check_fp8_compute, set_fp8_compute  # noqa: E402
+from model.validation import ConfigError  # noqa: E402
 
 # bf16 has an 8-bit mantissa (relative rounding 2^-9 per op); two layers of linears, norms and attention
 # stay well inside 2 %. Sage attention quantizes Q/K to int8: 5 %.
 BF16_REL = 2e-2
 SAGE_REL = 5e-2
+# fp8 e4m3 rounds weights and activations to 2^-4 relative each: rms error ~ sqrt(2) * 2^-4 / sqrt(3) = 0.051
+FP8_REL = 6e-2
 PACKAGES = ("flash_attn", "flash_attn_interface", "sageattention", "xfuser", "yunchang", "triton")
 # ../shared/reference/peers.md §3-4: published seconds, Wan2.1-14B 480p x 81 frames
 PEERS = {"LightX2V I2V-14B-480P, 40 steps + CFG, 1xH100": "5.18 s/step",
@@ -186,6 +189,37 @@ def check_quant(scheme: str):
     return run
 
 
+def check_fp8_gemm(device: torch.device, opts) -> Row:
+    """Scaled fp8 GEMMs (per-token activation, per-channel weight scales) vs the unquantized bf16 linear;
+    on CUDA also timed against dequantize-then-bf16 at a 14B FFN shape."""
+    try:
+        check_fp8_compute("scaled_mm", device)
+    except ConfigError as e:
+        raise Skip(str(e)) from None
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(512, 1024).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1024, 512, generator=g) * 0.05)
+    model = torch.nn.Sequential(QuantLinear.from_linear(lin, "fp8")).to(device)
+    mode = set_fp8_compute(model, "scaled_mm", device)
+    x = torch.randn(64, 512, generator=g).to(device, torch.bfloat16)
+    err = rel_err(model(x), torch.nn.functional.linear(x.double().cpu(), lin.weight.double(), lin.bias.double()))
+    figs = {"mode": mode, "rel_err_vs_unquantized": err}
+    if device.type == "cuda":  # 14B FFN up-projection over one rank's tokens at SP=8
+        big = torch.nn.Linear(5120, 13824, device=device, dtype=torch.bfloat16)
+        xb = torch.randn(4096, 5120, device=device, dtype=torch.bfloat16)
+        q = torch.nn.Sequential(QuantLinear.from_linear(big, "fp8"))
+        with torch.no_grad():
+            figs["bf16_ms"] = round(timed(lambda: big(xb), device) * 1e3, 3)
+            set_fp8_compute(q, "dequant", device)
+            figs["dequant_ms"] = round(timed(lambda: q(xb), device) * 1e3, 3)
+            set_fp8_compute(q, "scaled_mm", device)
+            figs["scaled_mm_ms"] = round(timed(lambda: q(xb), device) * 1e3, 3)
+        figs["speedup_vs_bf16"] = round(figs["bf16_ms"] / figs["scaled_mm_ms"], 2)
+    ok = err <= FP8_REL
+    return Row("fp8_scaled_gemm", "pass" if ok else "fail", f"vs the unquantized bf16 linear (bound {FP8_REL})", figs)
+
+
 def check_big_dit(arch: DiTArch, label: str):
     def run(device: torch.device, opts) -> Row:
         if device.type != "cuda":
@@ -242,6 +276,7 @@ ROWS = {
     **{f"attention_{n}": check_kernel(n) for n in KERNEL_NAMES},
     "quant_int8": check_quant("int8"),
     "quant_fp8": check_quant("fp8"),
+    "fp8_gemm": check_fp8_gemm,
     "serve": check_serve,
     "dit_1.3B": check_big_dit(WAN21_T2V_1_3B, "1.3B"),
     "dit_14B": check_big_dit(WAN21_T2V_14B, "14B"),

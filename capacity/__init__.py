@@ -22,11 +22,14 @@ from capacity.calibration import (
 from capacity.comm import SPBytes, cfg_gather_bytes_per_step, fsdp_bytes_per_forward, sp_bytes_per_forward
 from capacity.flops import (
     DiTFlops,
+    QuantGemms,
     clip_flops,
     count_dit_forward,
+    count_quant_gemms,
     count_vae_decode,
     count_vae_encode,
     dit_forward_flops,
+    dit_quant_gemms,
     t5_flops,
     vae_decode_flops,
     vae_encode_flops,
@@ -46,16 +49,28 @@ from capacity.footprint import (
 )
 from capacity.hardware import GB, GIB, GPU, GPUS, TERA
 from capacity.plan import Memory, memory, project, replicas_for
-from capacity.timing import DEQUANT_BYTES_PER_WEIGHT, Calibration, Projection, Terms
+from capacity.timing import (
+    ACT_QUANT_BYTES_PER_INPUT,
+    BIAS_BYTES_PER_OUTPUT,
+    DEQUANT_BYTES_PER_WEIGHT,
+    Calibration,
+    Fp8Compute,
+    Projection,
+    Terms,
+    fp8_compute_forward,
+)
 from capacity.workload import COMPUTE_BYTES, DTYPES, MODELS, Workload, shard_tokens
 
 __all__ = [
-    "CALIBRATED_ON", "COMPUTE_BYTES", "DEQUANT_BYTES_PER_WEIGHT", "DTYPES", "GB", "GIB", "GPU", "GPUS", "MODELS",
+    "ACT_QUANT_BYTES_PER_INPUT", "BIAS_BYTES_PER_OUTPUT", "CALIBRATED_ON", "COMPUTE_BYTES",
+    "DEQUANT_BYTES_PER_WEIGHT", "DTYPES", "GB", "GIB", "GPU", "GPUS", "MODELS",
     "RANGE_TOLERANCE", "RESERVED_BYTES", "STREAM_DECODER_BYTES_PER_PIXEL", "TERA", "WAN21_PUBLISHED",
-    "Calibration", "DiTFlops", "Fit", "FitRow", "Memory", "Projection", "Published", "SPBytes", "Terms", "Workload",
+    "Calibration", "DiTFlops", "Fit", "FitRow", "Fp8Compute", "Memory", "Projection", "Published", "QuantGemms",
+    "SPBytes", "Terms", "Workload",
     "calibrate", "calibration_for", "causvid_cache_bytes", "cfg_gather_bytes_per_step", "clip_flops",
-    "clip_weight_bytes", "count_dit_forward", "count_vae_decode", "count_vae_encode", "cross_cache_bytes",
-    "dit_activation_bytes", "dit_forward_flops", "dit_param_counts", "dit_weight_bytes", "fsdp_bytes_per_forward",
+    "clip_weight_bytes", "count_dit_forward", "count_quant_gemms", "count_vae_decode", "count_vae_encode",
+    "cross_cache_bytes", "dit_activation_bytes", "dit_forward_flops", "dit_param_counts", "dit_quant_gemms",
+    "dit_weight_bytes", "fp8_compute_forward", "fsdp_bytes_per_forward",
     "held_out", "memory", "project", "replicas_for", "shard_tokens", "sp_bytes_per_forward",
     "stream_decoder_bytes", "t5_flops", "t5_weight_bytes", "upstream_workload", "vae_decode_flops",
     "vae_encode_flops", "vae_weight_bytes",

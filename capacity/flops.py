@@ -12,6 +12,7 @@ import re
 from dataclasses import astuple, dataclass
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.archs import ClipArch, DiTArch, T5Arch, VaeArch
@@ -80,13 +81,8 @@ def dit_forward_flops(arch: DiTArch, grid: tuple[int, int, int]) -> DiTFlops:
 
 
 @functools.cache
-def count_dit_forward(arch: DiTArch, grid: tuple[int, int, int]) -> DiTFlops:
-    """FLOPs of one `WanModel(arch)` forward on one latent of `grid`, every block counted on meta.
-
-    Attention = the `aten.bmm` FLOPs (SDPA's math path on meta) under each block's `self_attn` / `cross_attn`;
-    context = the modules that only see the context (the cross-attention `k`/`v` linears run in
-    `context_kv`, outside their block's forward); token_linear = the rest.
-    """
+def _dit_counts(arch: DiTArch, grid: tuple[int, int, int]) -> dict[str, dict]:
+    """The counter's per-module FLOPs of one WanModel(arch) forward (batch 1) on one latent of grid."""
     f, h, w = grid
 
     def run(model):
@@ -97,7 +93,18 @@ def count_dit_forward(arch: DiTArch, grid: tuple[int, int, int]) -> DiTFlops:
                       y=torch.empty(1, arch.in_dim - arch.out_dim, f, h, w))
         model(**kw)
 
-    counts = _count(lambda: meta_dit(arch), run)
+    return _count(lambda: meta_dit(arch), run)
+
+
+@functools.cache
+def count_dit_forward(arch: DiTArch, grid: tuple[int, int, int]) -> DiTFlops:
+    """FLOPs of one `WanModel(arch)` forward on one latent of `grid`, every block counted on meta.
+
+    Attention = the `aten.bmm` FLOPs (SDPA's math path on meta) under each block's `self_attn` / `cross_attn`;
+    context = the modules that only see the context (the cross-attention `k`/`v` linears run in
+    `context_kv`, outside their block's forward); token_linear = the rest.
+    """
+    counts = _dit_counts(arch, grid)
     total = sum(counts["Global"].values())
     blocks = [f"WanModel.blocks.{i}" for i in range(arch.num_layers)]
     self_attn = sum(_op(counts, b + ".self_attn", "aten.bmm") for b in blocks)
@@ -106,6 +113,49 @@ def count_dit_forward(arch: DiTArch, grid: tuple[int, int, int]) -> DiTFlops:
         raise RuntimeError("SDPA was not counted as the DiT's only bmm calls; has its meta dispatch changed?")
     context = sum(sum(v.values()) for k, v in counts.items() if _CONTEXT_MODULES.match(k))
     return DiTFlops(self_attn, cross_attn, total - self_attn - cross_attn - context, context)
+
+
+@dataclass(frozen=True)
+class QuantGemms:
+    """The GEMMs of the quantized linears (model/quant.py: blocks.N.{self_attn, cross_attn, ffn}) in one DiT
+    forward (batch 1): what fp8 compute moves to fp8 tensor cores, and the elements its per-token activation
+    quantization reads (inputs, M·K) and its bias add writes (outputs, M·N)."""
+
+    per_token: int  # FLOPs on the video tokens (sharded by SP): self q k v o, cross q o, FFN
+    context: int  # FLOPs on the context, on every rank: cross-attention k, v (+ k_img, v_img)
+    per_token_inputs: int
+    context_inputs: int
+    per_token_outputs: int
+    context_outputs: int
+
+
+_QUANTIZED_LINEAR = re.compile(r"^WanModel\.(blocks\.\d+\.(self_attn|cross_attn|ffn)\.[^.]+)$")
+
+
+@functools.cache
+def count_quant_gemms(arch: DiTArch, grid: tuple[int, int, int]) -> QuantGemms:
+    """QuantGemms of `WanModel(arch)` on grid, every block counted: each quantized linear's FLOPs 2·M·K·N from
+    the counter, its M·K and M·N from its shape."""
+    model, parts = meta_dit(arch), [0] * 6
+    for key, ops in _dit_counts(arch, grid).items():
+        match = _QUANTIZED_LINEAR.match(key)
+        layer = model.get_submodule(match.group(1)) if match else None
+        if not isinstance(layer, nn.Linear):
+            continue
+        flops, ctx = sum(ops.values()), int(bool(_CONTEXT_MODULES.match(key)))
+        parts[ctx] += flops
+        parts[2 + ctx] += flops // (2 * layer.out_features)
+        parts[4 + ctx] += flops // (2 * layer.in_features)
+    return QuantGemms(*parts)
+
+
+def dit_quant_gemms(arch: DiTArch, grid: tuple[int, int, int]) -> QuantGemms:
+    """count_quant_gemms, counted with 1 and 2 blocks and extrapolated as dit_forward_flops is."""
+    if arch.num_layers <= 2:
+        return count_quant_gemms(arch, grid)
+    one = astuple(count_quant_gemms(arch.model_copy(update={"num_layers": 1}), grid))
+    two = astuple(count_quant_gemms(arch.model_copy(update={"num_layers": 2}), grid))
+    return QuantGemms(*(a + (arch.num_layers - 1) * (b - a) for a, b in zip(one, two)))
 
 
 @functools.cache

@@ -81,7 +81,7 @@ def vae_weight_bytes() -> int:
     return 4 * _module_params("vae")
 
 
-def dit_activation_bytes(arch: DiTArch, tokens: int, sp: int = 1) -> int:
+def dit_activation_bytes(arch: DiTArch, tokens: int, sp: int = 1, fp8_compute: bool = False) -> int:
     """Peak activation memory of one DiT forward (batch 1, inference) on one rank, in bytes.
 
     Walks `model/dit.py` Block.forward with an fp32 residual stream and bf16 linears/attention; per local
@@ -92,7 +92,8 @@ def dit_activation_bytes(arch: DiTArch, tokens: int, sp: int = 1) -> int:
       product (8·dim + 8·dim): 32·dim bytes. (Flash/SDPA attention itself keeps O(s) extra, ignored; the
       all-to-all buffers, 12·dim, come after the float64 transients are freed.)
     * FFN: x and its modulated norm (8·dim), its bf16 cast (2·dim), the hidden and GELU outputs
-      (bf16, 2·ffn_dim each): 10·dim + 4·ffn_dim bytes.
+      (bf16, 2·ffn_dim each): 10·dim + 4·ffn_dim bytes; with fp8 compute (scaled fp8 GEMMs) also the
+      quantization of the second FFN linear's input, its fp32 quotient and fp8 codes: + 5·ffn_dim.
 
     Plus, held for the whole forward: the cross-attention K/V of every block (layers · 2 · context · dim · 2 B,
     context = text_len, + 257 CLIP tokens for I2V) and the RoPE table (complex128, 8·head_dim B per local
@@ -101,7 +102,7 @@ def dit_activation_bytes(arch: DiTArch, tokens: int, sp: int = 1) -> int:
     """
     dim, ffn, hd = arch.dim, arch.ffn_dim, arch.head_dim
     s = shard_tokens(tokens, sp)
-    per_token = max(32 * dim, 10 * dim + 4 * ffn)
+    per_token = max(32 * dim, 10 * dim + (9 if fp8_compute else 4) * ffn)
     context = arch.text_len + (ClipArch().num_tokens if arch.is_i2v else 0)
     held = arch.num_layers * 2 * context * dim * COMPUTE_BYTES + 8 * hd * s
     unsharded = tokens * (4 * dim + 8 * hd) if sp > 1 else 0

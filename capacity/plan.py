@@ -82,12 +82,12 @@ def memory(w: Workload, gpu: GPU | str = "H100", cal: Calibration | None = None)
         t5_weights=(t5_weight_bytes() // shard) if w.t5_on_gpu else 0,
         clip_weights=clip_weight_bytes() if w.task == "i2v" else 0,
         vae_weights=vae_weight_bytes(),
-        dit_activations=dit_activation_bytes(arch, w.tokens, w.sp),
+        dit_activations=dit_activation_bytes(arch, w.tokens, w.sp, w.fp8_compute),
         vae_decode=int(cal.vae_bytes_per_pixel * w.width * w.height),
         capacity=gpu.memory_bytes,
         # rank 0's share of a session: the K/V cache split over the SP group (Ulysses by heads, ring by
         # tokens); the prompt's cross-attention K/V on every rank; the streaming VAE decoder state (rank 0)
         causvid_session=(causvid_cache_bytes(arch, w.frame_tokens, window) // w.sp + cross_cache_bytes(arch)
                          + stream_decoder_bytes(w.width, w.height)),
-        causvid_activations=dit_activation_bytes(arch, block_tokens, w.sp),
+        causvid_activations=dit_activation_bytes(arch, block_tokens, w.sp, w.fp8_compute),
     )

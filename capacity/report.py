@@ -21,6 +21,7 @@ from capacity.flops import clip_flops, dit_forward_flops, t5_flops, vae_decode_f
 from capacity.footprint import RESERVED_BYTES
 from capacity.hardware import GB, GIB, GPUS
 from capacity.plan import memory, project, replicas_for
+from capacity.timing import fp8_compute_forward
 from capacity.workload import Workload
 
 
@@ -58,10 +59,27 @@ def workload_json(w: Workload, gpu: str = "H100", target_vpm: float | None = Non
            "comm_eff_range": [round(c, 4) for c in fit.comm_range], "range_tolerance": RANGE_TOLERANCE,
            "dit_seconds_at_lowest_comm_eff": round(project(w, gpu, replace(cal, comm_eff=fit.comm_range[0])).dit_s, 3)},
     }
+    if w.fp8_compute:
+        out["fp8_compute"] = fp8_compute_json(w, gpu, cal.mfu)
     if target_vpm is not None:
         n = replicas_for(target_vpm, proj)
         out["replicas"] = {"target_videos_per_minute": target_vpm, "replicas": n, "gpus": n * w.gpus}
     return out
+
+
+def fp8_compute_json(w: Workload, gpu: str, mfu: float) -> dict:
+    """The fp8 compute term of one video: the quantized GEMMs at the BF16 and the FP8 peak (both divided by
+    the fitted MFU), the activation quantization that replaces the dequantization, and what it all saves."""
+    f8, g = fp8_compute_forward(w, GPUS[gpu]), GPUS[gpu]
+    n = w.steps * w.forwards_per_step
+    gemm_bf16, gemm_fp8 = n * f8.bf16_s / mfu, n * f8.fp8_s / mfu
+    return {"gemm_flops_per_forward_per_rank": f8.gemm_flops, "forwards": n,
+            "bf16_peak_tflops": round(g.bf16_flops / 1e12, 1), "fp8_peak_tflops": round(g.fp8_flops / 1e12, 1),
+            "gemm_s_bf16": round(gemm_bf16, 3), "gemm_s_fp8": round(gemm_fp8, 3),
+            "activation_quant_s": round(n * f8.act_quant_s, 3), "dequant_s_replaced": round(n * f8.dequant_s, 3),
+            "dit_s_saved": round(gemm_bf16 - gemm_fp8 + n * (f8.dequant_s - f8.act_quant_s), 3),
+            "assumption": "the fp8 GEMMs reach the MFU fitted to Wan2.1's bf16 timings: uncalibrated for fp8 "
+                          "(no published fp8 Wan2.1 timing)"}
 
 
 def _row_json(r: FitRow) -> dict:

@@ -8,12 +8,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from capacity.comm import cfg_gather_bytes_per_step, fsdp_bytes_per_forward, sp_bytes_per_forward
-from capacity.flops import clip_flops, dit_forward_flops, t5_flops, vae_decode_flops, vae_encode_flops
+from capacity.flops import (
+    clip_flops,
+    dit_forward_flops,
+    dit_quant_gemms,
+    t5_flops,
+    vae_decode_flops,
+    vae_encode_flops,
+)
 from capacity.footprint import clip_weight_bytes, dit_param_counts, dit_weight_bytes, t5_weight_bytes
 from capacity.hardware import GPU
 from capacity.workload import Workload
 
 DEQUANT_BYTES_PER_WEIGHT = 7  # int8/fp8 -> bf16 dequantization traffic per weight per forward (model/quant.py)
+# Scaled fp8 GEMMs (model/quant.py QuantLinear._scaled_mm, eager): per bf16 input element the row absmax reads
+# 2 B, the fp32 quotient reads 2 and writes 4, the in-place clamp reads and writes 4 each, the cast reads 4
+# and writes 1; per output element the bias add reads and writes 2 each. A fused kernel would move 2 + 2 + 1.
+ACT_QUANT_BYTES_PER_INPUT = 21
+BIAS_BYTES_PER_OUTPUT = 4
 
 
 @dataclass(frozen=True)
@@ -29,10 +41,37 @@ class Calibration:
 class Terms:
     """Seconds of one video at 100 % efficiency, grouped by the efficiency that divides them."""
 
-    flops_s: float  # DiT + T5 (+ CLIP) at the BF16 peak: divided by mfu
+    flops_s: float  # DiT + T5 (+ CLIP) at the BF16 peak (fp8 compute: its GEMMs at the FP8 peak): / mfu
     vae_s: float  # VAE at the TF32 peak: divided by vae_eff
     comm_s: float  # collectives at link_bw, none overlapped with compute (ring: pessimistic): divided by comm_eff
-    fixed_s: float  # offload over PCIe and int8/fp8 dequantization at HBM bandwidth: taken as is
+    fixed_s: float  # offload over PCIe, int8/fp8 dequantization or activation quantization at HBM bw: as is
+
+
+@dataclass(frozen=True)
+class Fp8Compute:
+    """One DiT forward on one rank with scaled fp8 GEMMs, at 100 % efficiency: the quantized linears' FLOPs
+    move from the BF16 to the FP8 peak (divided by the same fitted MFU), attention and the unquantized
+    linears stay bf16, and the dequantization traffic is replaced by the activations' quantization."""
+
+    gemm_flops: float  # the quantized linears' FLOPs on this rank: per-token / sp + context
+    bf16_s: float  # those FLOPs at the BF16 peak (what they cost without fp8 compute)
+    fp8_s: float  # at the FP8 peak
+    act_quant_s: float  # per-token activation quantization and the bias add, at HBM bandwidth (fixed)
+    dequant_s: float  # the weight dequantization it replaces, at HBM bandwidth (fixed)
+
+
+def fp8_compute_forward(w: Workload, gpu: GPU) -> Fp8Compute:
+    """The fp8 compute terms of one forward of w on gpu; a ValueError for a GPU without fp8 tensor cores."""
+    if gpu.fp8_flops is None:
+        raise ValueError(f"{gpu.name} has no fp8 tensor cores: fp8 compute needs Ada or Hopper (H100, H200, "
+                         f"L40S); without it its fp8 weights dequantize to bf16")
+    g = dit_quant_gemms(w.arch, w.grid)
+    flops = g.per_token / w.sp + g.context
+    moved = ((g.per_token_inputs / w.sp + g.context_inputs) * ACT_QUANT_BYTES_PER_INPUT
+             + (g.per_token_outputs / w.sp + g.context_outputs) * BIAS_BYTES_PER_OUTPUT)
+    q_weights = dit_param_counts(w.arch)[1]
+    return Fp8Compute(flops, flops / gpu.bf16_flops, flops / gpu.fp8_flops, moved / gpu.hbm_bw,
+                      q_weights * DEQUANT_BYTES_PER_WEIGHT / gpu.hbm_bw)
 
 
 def stage_terms(w: Workload, gpu: GPU) -> dict[str, Terms]:
@@ -46,11 +85,15 @@ def stage_terms(w: Workload, gpu: GPU) -> dict[str, Terms]:
     step_comm = cfg_gather_bytes_per_step(w.grid, arch.out_dim) if w.cfg_parallel == 2 else 0
     _, q_weights, _ = dit_param_counts(arch)
     dequant = q_weights * DEQUANT_BYTES_PER_WEIGHT / gpu.hbm_bw if w.dtype in ("int8", "fp8") else 0.0
+    dit_flops_s = forwards * forward_flops / gpu.bf16_flops
+    if w.fp8_compute:  # the quantized GEMMs at the FP8 peak; activation quantization instead of dequantization
+        f8 = fp8_compute_forward(w, gpu)
+        dit_flops_s += forwards * (f8.fp8_s - f8.bf16_s)
+        dequant = f8.act_quant_s
     prompts = 2 if w.cfg else 1
     terms = {
         "text": Terms(prompts * t5_flops(arch.text_len) / gpu.bf16_flops, 0, 0, 0),
-        "dit": Terms(forwards * forward_flops / gpu.bf16_flops, 0,
-                     (forwards * comm + w.steps * step_comm) / gpu.link_bw, forwards * dequant),
+        "dit": Terms(dit_flops_s, 0, (forwards * comm + w.steps * step_comm) / gpu.link_bw, forwards * dequant),
         "vae": Terms(0, vae_decode_flops(w.grid) / gpu.tf32_flops, 0, 0),
     }
     if w.task == "i2v":

@@ -32,12 +32,13 @@ class Workload:
     ulysses: int = 1
     ring: int = 1
     cfg_parallel: int = 1  # 2: cond and uncond on two SP groups, one latent all-gather per step
-    dtype: str = "bf16"  # DiT weights; int8/fp8 are weight-only (compute stays bf16, model/quant.py)
+    dtype: str = "bf16"  # DiT weights; int8/fp8 weight-only (compute stays bf16) unless fp8_compute
     fsdp: bool = False  # DiT (and T5) weights sharded over the SP group, gathered per forward
     offload: bool = False  # upstream --offload_model: DiT and T5 copied host->GPU->host for every video
     t5_on_gpu: bool = True
     causvid_window: int | None = None  # latent frames in a CausVid KV cache (None: the whole video)
     causvid_block_frames: int = 3  # latent frames generated per CausVid forward
+    fp8_compute: bool = False  # fp8 weights through scaled fp8 GEMMs (model/quant.py set_fp8_compute)
 
     def __post_init__(self):
         if (self.task, self.model) not in MODELS:
@@ -52,6 +53,8 @@ class Workload:
             raise ValueError("cfg_parallel is 1, or 2 with CFG on")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r}: choose from {DTYPES}")
+        if self.fp8_compute and self.dtype != "fp8":
+            raise ValueError(f"fp8_compute needs fp8 weights (dtype = 'fp8'), not dtype = {self.dtype!r}")
         if min(self.ulysses, self.ring, self.steps, self.causvid_block_frames) < 1:
             raise ValueError("ulysses, ring, steps and causvid_block_frames must be >= 1")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from model.config import RunConfig
+from model.quant import fp8_compute_mode
 from model.registry import MODEL_CLASSES, model_class
 from parallel.group import Group
 
@@ -38,7 +39,8 @@ def runtime_info(runner: CausalRunner | ParallelRunner) -> dict:
     dit = runner.pipe.dit
     layout = dit.layout
     return {"attention": dit.kernels.names(), "sp_backend": layout.attn.backend if layout.sharded else None,
-            "compile": getattr(runner, "warmup", None) or {"compiled": False}}
+            "compile": getattr(runner, "warmup", None) or {"compiled": False},
+            "fp8_compute": fp8_compute_mode(dit)}
 
 
 def rank_runner(pipe, group: Group) -> CausalRunner | ParallelRunner:

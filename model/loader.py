@@ -1,7 +1,7 @@
 """The one DiT loader. Its steps, in the order they run (`load_pipeline_dit`):
 
   files -> state dict -> key conversion (and the cast to the module's dtypes) -> LoRA merge -> quantization
-  -> module
+  -> module -> which GEMM fp8 layers run (`dit_fp8_compute`, on the device the module was loaded to)
 
 Every pipeline and runner loads its DiT here; the other helpers (`load_dit`, `build_dit`,
 `load_quantized_dit`) are the same steps with fewer of them. The module is built on the meta device and
@@ -10,9 +10,9 @@ the tensors are assigned, so a 14B checkpoint costs its size in memory once, not
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -29,7 +29,14 @@ from .checkpoint import (
 from .config import RunConfig
 from .dit import WanModel
 from .lora import merge_lora_weights
-from .quant import check_quantized_dtypes, normalize_scheme, quantize_dit, quantize_state_dict
+from .quant import (
+    check_fp8_compute,
+    check_quantized_dtypes,
+    normalize_scheme,
+    quantize_dit,
+    quantize_state_dict,
+    set_fp8_compute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +138,9 @@ def dit_module(arch: DiTArch, sd: StateDict, dtype: torch.dtype, scheme: str | N
 def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, device: str | torch.device,
                       lora_roots: Sequence[str | Path] | None = None, arch: DiTArch | None = None) -> WanModel:
     """The DiT cfg asks for: its files, every LoRA merged in order, quantized on load when `dit_quantized`
-    has no pre-quantized file (after the merge). arch: the folder's, when the caller has read it already."""
+    has no pre-quantized file (after the merge), fp8 layers set to `dit_fp8_compute` on device (a ConfigError
+    where "scaled_mm" cannot run). arch: the folder's, when the caller has read it already."""
+    check_fp8_compute(cfg.dit_fp8_compute, device)  # before any weight is read: fail fast
     arch = arch or read_dit_arch(folder)
     files = dit_files(folder, cfg)  # 1
     log.info("loading DiT weights from %s", files.path)
@@ -145,7 +154,15 @@ def load_pipeline_dit(folder: ModelFolder, cfg: RunConfig, dtype: torch.dtype, d
     if cfg.dit_quantized and scheme is None:  # 5
         scheme = normalize_scheme(cfg.dit_quant_scheme)
         sd = quantize_state_dict(sd, scheme)
-    return dit_module(arch, sd, dtype, scheme, source)  # 6
+    model = dit_module(arch, sd, dtype, scheme, source)  # 6
+    _fp8_compute(model, cfg.dit_fp8_compute, device)  # 7
+    return model
+
+
+def _fp8_compute(model: WanModel, mode: str, device: str | torch.device) -> None:
+    in_force = set_fp8_compute(model, mode, device)
+    if in_force is not None:
+        log.info("fp8 DiT layers: %s (dit_fp8_compute = %s, device %s)", in_force, mode, device)
 
 
 def build_dit(arch: DiTArch, sd: StateDict, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -171,14 +188,18 @@ def load_dit(path: str | Path, arch: DiTArch | None = None, dtype: torch.dtype |
 
 
 def load_quantized_dit(path: str | Path, arch: DiTArch, scheme: str, dtype: torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> WanModel:
+                       device: str | torch.device = "cpu", fp8_compute: str = "auto") -> WanModel:
     """A WanModel whose block linears are QuantLinear, loaded strictly from a pre-quantized file or folder.
 
     dtype: compute dtype of everything unquantized (default bf16 on GPU, fp32 on CPU); the 8-bit weights keep
     their dtype and the scales become fp32. Raises CheckpointError for a missing, unexpected or misshapen key,
-    a quantized layer whose weight is not int8/fp8 of the scheme, or a missing scale.
+    a quantized layer whose weight is not int8/fp8 of the scheme, or a missing scale. fp8_compute: as
+    `dit_fp8_compute` (model/quant.py set_fp8_compute).
     """
     scheme = normalize_scheme(scheme)
+    check_fp8_compute(fp8_compute, device)
     dtype = dtype or default_dtype(device)
     sd = convert_dit_weights(read_weights(path), arch, dtype, device, scheme, str(path))
-    return dit_module(arch, sd, dtype, scheme, str(path))
+    model = dit_module(arch, sd, dtype, scheme, str(path))
+    _fp8_compute(model, fp8_compute, device)
+    return model

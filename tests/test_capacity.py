@@ -262,3 +262,88 @@ def test_workload_rules():
     with pytest.raises(ValueError, match="4n\\+1"):
         cap.Workload(frames=80)
     assert cap.Workload(model="1.3B", ring=8).gpus == 8
+
+
+def hand_quant_gemms(arch: DiTArch, grid: tuple[int, int, int]) -> dict[str, int]:
+    """The quantized linears (blocks.N.{self_attn, cross_attn, ffn}) of one forward, written out: per video
+    token self q k v o and cross q o (d -> d), FFN (d -> ffn -> d); on the context cross k, v (+ k_img, v_img
+    on the 257 CLIP tokens). Inputs M·K and outputs M·N of each GEMM."""
+    f, h, w = grid
+    pt, ph, pw = arch.patch_size
+    L, d, ffn, n = (f // pt) * (h // ph) * (w // pw), arch.dim, arch.ffn_dim, arch.num_layers
+    ctx = arch.text_len + (ClipArch().num_tokens if arch.is_i2v else 0)
+    return {"per_token": n * (6 * mm(L, d, d) + mm(L, d, ffn) + mm(L, ffn, d)), "context": n * 2 * mm(ctx, d, d),
+            "per_token_inputs": n * L * (7 * d + ffn), "context_inputs": n * 2 * ctx * d,
+            "per_token_outputs": n * L * (7 * d + ffn), "context_outputs": n * 2 * ctx * d}
+
+
+@pytest.mark.parametrize("arch,grid", [(TINY_T2V, (3, 8, 12)), (TINY_I2V, (3, 8, 12)), (WAN21_T2V_14B, (21, 60, 104))],
+                         ids=["tiny-t2v", "tiny-i2v", "14B-480p"])
+def test_quantized_gemms_equal_hand_count(arch, grid):
+    got = cap.dit_quant_gemms(arch, grid)
+    assert {k: getattr(got, k) for k in hand_quant_gemms(arch, grid)} == hand_quant_gemms(arch, grid)
+    total = cap.dit_forward_flops(arch, grid)
+    assert got.per_token <= total.token_linear and got.context <= total.context
+
+
+def test_fp8_compute_term():
+    """14B 480p, 4 steps, no CFG, Ulysses 8 on H100, fp8 weights: with fp8 compute the quantized GEMMs run at
+    the FP8 peak (1978.9 TFLOP/s dense) instead of BF16 (989.4), both at the fitted MFU; the 7 B per weight
+    of dequantization become 21 B per GEMM input and 4 B per output at HBM bandwidth; the rest is unchanged."""
+    deq = cap.Workload(model="14B", steps=4, cfg=False, ulysses=8, dtype="fp8")
+    fp8 = cap.Workload(model="14B", steps=4, cfg=False, ulysses=8, dtype="fp8", fp8_compute=True)
+    pd, pf = cap.project(deq, "H100"), cap.project(fp8, "H100")
+    mfu, hbm = cap.calibration_for("H100").mfu, 3.35e12
+    L, d, ffn, n, ctx, sp = 32760, 5120, 13824, 40, 512, 8
+    gemm = n * (6 * mm(L, d, d) + mm(L, d, ffn) + mm(L, ffn, d)) / sp + n * 2 * mm(ctx, d, d)
+    elements = n * L * (7 * d + ffn) / sp + n * 2 * ctx * d  # inputs; the outputs are as many
+    q_weights = n * (8 * d * d + 2 * d * ffn)
+    per_forward = (gemm / 989.4e12 - gemm / 1978.9e12) / mfu + (7 * q_weights - 25 * elements) / hbm
+    assert pd.dit_compute_s - pf.dit_compute_s == pytest.approx(4 * per_forward, rel=1e-9)
+    assert pf.dit_comm_s == pd.dit_comm_s and pf.stages["vae"] == pd.stages["vae"]
+    f8 = cap.fp8_compute_forward(fp8, cap.GPUS["H100"])
+    assert f8.gemm_flops == gemm and f8.fp8_s == pytest.approx(f8.bf16_s / 2, rel=1e-4)
+    # attention and the unquantized linears stay at the BF16 peak
+    bf16 = cap.project(cap.Workload(model="14B", steps=4, cfg=False, ulysses=8), "H100")
+    assert bf16.dit_compute_s - pf.dit_compute_s == pytest.approx(
+        4 * ((gemm / 989.4e12 - gemm / 1978.9e12) / mfu - 25 * elements / hbm), rel=1e-9)
+    print(f"\n14B 480p 4 steps SP 8 H100: DiT {bf16.dit_s:.3f} s bf16, {pd.dit_s:.3f} s fp8 dequantized, "
+          f"{pf.dit_s:.3f} s fp8 compute; total {pf.total_s:.3f} s")
+    # L40S: 733 TFLOP/s fp8 dense vs 362.05 bf16; H200: the H100's tensor cores
+    l40s = cap.fp8_compute_forward(fp8, cap.GPUS["L40S"])
+    assert l40s.bf16_s / l40s.fp8_s == pytest.approx(733 / 362.05)
+    assert cap.fp8_compute_forward(fp8, cap.GPUS["H200"]).fp8_s == f8.fp8_s
+
+
+def test_fp8_compute_refused_without_fp8():
+    fp8 = cap.Workload(model="14B", steps=4, cfg=False, dtype="fp8", fp8_compute=True)
+    with pytest.raises(ValueError, match="A100 SXM 80GB has no fp8 tensor cores"):
+        cap.project(fp8, "A100")
+    with pytest.raises(ValueError, match="fp8_compute needs fp8 weights"):
+        cap.Workload(dtype="int8", fp8_compute=True)
+    # memory: the second FFN linear's input quantization (fp32 quotient + fp8 codes, 5 B per hidden element)
+    arch = WAN21_T2V_14B
+    assert cap.dit_activation_bytes(arch, 100, fp8_compute=True) - cap.dit_activation_bytes(arch, 100) == \
+        100 * ((10 * 5120 + 9 * 13824) - 32 * 5120)
+
+
+def test_cli_fp8_compute(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity.py"
+    spec = importlib.util.spec_from_file_location("capacity_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = ["--model", "14B", "--size", "832x480", "--steps", "4", "--no-cfg", "--sp", "8"]
+    assert cli.main(args + ["--fp8-compute"]) == 0  # --dtype defaults to fp8 with --fp8-compute
+    out = json.loads(capsys.readouterr().out)
+    assert out["workload"]["dtype"] == "fp8" and out["workload"]["fp8_compute"]
+    term = out["fp8_compute"]
+    assert term["fp8_peak_tflops"] == 1978.9 and term["gemm_s_fp8"] < term["gemm_s_bf16"]
+    assert "uncalibrated" in term["assumption"]
+    assert cli.main(args + ["--fp8-compute", "--gpu", "A100"]) == 2
+    assert "no fp8 tensor cores" in capsys.readouterr().err
+    assert cli.main(args + ["--fp8-compute", "--dtype", "int8"]) == 2
+    assert cli.main(args) == 0 and "fp8_compute" not in json.loads(capsys.readouterr().out)

@@ -5,17 +5,28 @@ e4m3 grid enumerated from its 256 bit patterns, and a re-statement of LightX2V's
 (`tools/convert/converter.py`, wan_dit: every 2-D tensor under blocks.N.{self_attn,cross_attn,ffn}
 becomes int8/fp8 + `<key>_scale` [out, 1]; everything else stays float in `non_linear_dtype`).
 """
+import math
+
 import pytest
 import torch
-from helpers import dit_inputs, tiny_dit
+from helpers import dit_inputs, tiny_dit, write_official_dit
 from safetensors.torch import save_file
 
+from model import quant
 from model.archs import TINY_I2V, TINY_T2V, WAN21_I2V_14B, WAN21_T2V_14B
-from model.checkpoint import CheckpointError, save_sharded
-from model.config import QUANT_SCHEMES
+from model.checkpoint import CheckpointError, ModelFolder, save_sharded
+from model.config import QUANT_SCHEMES, ConfigError, load_run_config
 from model.dit import Linear, WanModel
-from model.loader import load_quantized_dit
-from model.quant import QuantLinear, normalize_scheme, quantize_dit, quantized_state_dict, weight_bytes
+from model.loader import load_pipeline_dit, load_quantized_dit
+from model.quant import (
+    QuantLinear,
+    fp8_compute_mode,
+    normalize_scheme,
+    quantize_dit,
+    quantized_state_dict,
+    set_fp8_compute,
+    weight_bytes,
+)
 
 ARCHS = pytest.mark.parametrize("arch", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
 SCHEMES = pytest.mark.parametrize("scheme", ["int8-vllm", "fp8-sgl"])
@@ -367,3 +378,263 @@ def test_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no quantized weights"):
         load_quantized_dit(tmp_path / "empty", arch, "int8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaled fp8 GEMMs (dit_fp8_compute)
+# --------------------------------------------------------------------------------------------------
+# The error bound. e4m3 keeps 3 mantissa bits: rounding to nearest changes a normal value by at most half an
+# ulp, 2^-4 of it; below 2^-6 (subnormals, step 2^-9) by at most 2^-10 in units of the row's scale. So each
+# activation x_ik becomes x_ik + d_ik with |d_ik| <= 2^-4 |x_ik| + 2^-10 s_i (s_i = the row's absmax / 448),
+# exactly as the weights do per output channel. Against the dequantized path (same rounded weights W^) the
+# only error is D W^T, and ||D W^T||_F <= ||D||_F ||W^||_2 <= (2^-4 ||X||_F + 2^-10 ||s||_2 sqrt(K)) ||W^||_2:
+# a bound for every input, asserted as is. For random X and W the relative errors are spread evenly within
+# +-(half an ulp) = +-2^-4/m (mantissa m in [1, 2)), rms below 2^-4/sqrt(3) = 0.036, and a random GEMM's
+# relative Frobenius error is that rms (independent terms add in quadrature, as the products do): asserted
+# < 0.036 against the dequantized path (activations rounded), < sqrt(2) x 0.036 = 0.051 against the
+# unquantized linear (weights and activations rounded independently). Measured: 0.025-0.027, 0.036-0.037.
+FP8_HALF_ULP, FP8_SUBNORMAL = 2 ** -4, 2 ** -10
+FP8_RMS = 2 ** -4 / math.sqrt(3)
+BF16_SLACK = 3 * 2 ** -9  # bf16 compute: input, weight and output each rounded to 8 bits once more
+# DiT output, scaled vs dequantized path (tiny archs, seeds 0-3): 1.1e-2 .. 1.7e-2 measured; ~3x the worst
+DIT_SCALED_BOUND = 5e-2
+
+
+def fp8_layer(k: int = 96, n: int = 64, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(unquantized Linear, its fp8 QuantLinear on the scaled path): weights N(0, 0.1^2), bias N(0, 0.1^2)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    lin = lin.to(dtype).eval()
+    q = QuantLinear.from_linear(lin, "fp8-sgl")
+    assert set_fp8_compute(q, "scaled_mm", "cpu") == "scaled_mm"
+    return lin, q
+
+
+def run_as(q: QuantLinear, mode: str, x: torch.Tensor) -> torch.Tensor:
+    old, q.fp8_compute = q.fp8_compute, mode
+    try:
+        with torch.no_grad():
+            return q(x)
+    finally:
+        q.fp8_compute = old
+
+
+def test_scaled_mm_is_the_per_token_formula():
+    lin, q = fp8_layer()
+    x = torch.randn(2, 13, 96, generator=torch.Generator().manual_seed(3))  # 26 tokens: any count
+    xq, xs = ref_quant(x.reshape(-1, 96), "fp8")  # per token: scale = max(absmax, 1e-5) / 448
+    aq, a_s = quant.fp8_rows(x.reshape(-1, 96))
+    assert torch.equal(aq.float(), xq.float()) and torch.equal(a_s, xs)
+    wq, ws = ref_quant(lin.weight, "fp8")
+    expect = ((xq.double() * xs) @ (wq.double() * ws).T + lin.bias.double()).reshape(2, 13, 64)
+    out = run_as(q, "scaled_mm", x)
+    assert out.shape == (2, 13, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-6)  # fp32 accumulation only
+    d = xq.float() * xs - x.reshape(-1, 96)
+    assert bool((d.abs() <= FP8_HALF_ULP * x.reshape(-1, 96).abs() + FP8_SUBNORMAL * xs).all())
+    # other shapes: one token (1-D input), no token
+    assert run_as(q, "scaled_mm", x[0, 0]).shape == (64,)
+    torch.testing.assert_close(run_as(q, "scaled_mm", x[0, 0]), out[0, 0], rtol=1e-6, atol=1e-6)  # M=1: a gemv
+    assert run_as(q, "scaled_mm", torch.zeros(0, 96)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_mm_error_bound(seed):
+    lin, q = fp8_layer(seed=seed)
+    x = torch.randn(40, 96, generator=torch.Generator().manual_seed(100 + seed))
+    with torch.no_grad():
+        ys, yd, yf = run_as(q, "scaled_mm", x), run_as(q, "dequant", x), lin(x)
+    b = lin.bias
+    w_hat = q.dequantize(torch.float32)
+    xs = quant.fp8_rows(x)[1]
+    bound = (FP8_HALF_ULP * x.norm() + FP8_SUBNORMAL * xs.norm() * math.sqrt(96)) * torch.linalg.matrix_norm(w_hat, 2)
+    assert (ys - yd).norm() <= bound * (1 + 1e-4)  # for every input (the derivation above)
+    vs_dequant, vs_float = rel_l2(ys - b, yd - b), rel_l2(ys - b, yf - b)
+    print(f"seed {seed}: scaled vs dequantized {vs_dequant:.4f} (< {FP8_RMS:.4f}), vs unquantized fp32 "
+          f"{vs_float:.4f} (< {math.sqrt(2) * FP8_RMS:.4f}); rigorous bound used {(ys - yd).norm() / bound:.2f}")
+    assert 0 < vs_dequant < FP8_RMS
+    assert vs_dequant < vs_float < math.sqrt(2) * FP8_RMS
+
+    # bf16 compute: the unquantized bf16 linear against the scaled path (bf16 output)
+    lin16, q16 = fp8_layer(dtype=torch.bfloat16, seed=seed)
+    with torch.no_grad():
+        ys16, yf16 = run_as(q16, "scaled_mm", x), lin16(x)
+    assert ys16.dtype == torch.bfloat16
+    b16 = lin16.bias.float()
+    err = rel_l2(ys16.float() - b16, yf16.float() - b16)
+    print(f"seed {seed}: bf16 compute, scaled vs unquantized bf16 {err:.4f}")
+    assert err < math.sqrt(2) * FP8_RMS + BF16_SLACK
+
+
+def per_tensor_reference(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """What one scale for the whole activation would give (the counterfactual the per-token test rules out)."""
+    s = x.abs().max() / 448
+    xq = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    wq, ws = ref_quant(lin.weight, "fp8")
+    return xq @ (wq.float() * ws).T + lin.bias
+
+
+def test_activation_scales_are_per_token():
+    """A row 1e3 or 1e5 times larger leaves every other row's output bit for bit as it was. e4m3 spans
+    2^-9 .. 448 (2^17.8), so under a per-tensor scale a 1e3x outlier still leaves the others in the normal
+    range (their error stays 0.026, only their bits change); at 1e5 they fall to subnormals and zero
+    (measured: 0.29 per tensor vs 0.025 per token)."""
+    lin, q = fp8_layer(k=64)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    base = run_as(q, "scaled_mm", x)
+    b = lin.bias
+    for factor in (1e3, 1e5):
+        x2 = x.clone()
+        x2[0] *= factor
+        out = run_as(q, "scaled_mm", x2)
+        assert torch.equal(out[1:], base[1:])
+        per_tensor = per_tensor_reference(lin, x2)
+        assert not torch.equal(per_tensor[1:], per_tensor_reference(lin, x)[1:])  # what a per-tensor scale does
+        with torch.no_grad():
+            ref = lin(x2)
+        ours, theirs = rel_l2(out[1:] - b, ref[1:] - b), rel_l2(per_tensor[1:] - b, ref[1:] - b)
+        print(f"outlier x{factor:g}: other rows' error per token {ours:.4f}, per tensor {theirs:.4f}")
+        assert ours < math.sqrt(2) * FP8_RMS
+        assert rel_l2(out[:1] - b, ref[:1] - b) < math.sqrt(2) * FP8_RMS  # the outlier row itself too
+    assert theirs > 0.2  # at 1e5 a per-tensor scale would fail the bound above
+
+
+def fp8_layers_of(model):
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def test_modes_on_cpu_and_int8_untouched():
+    model = quantize_dit(tiny_dit(TINY_T2V), "fp8")
+    layers = fp8_layers_of(model)
+    assert fp8_compute_mode(model) == "dequant"  # the default: today's path
+    assert set_fp8_compute(model, "auto", "cpu") == "dequant"  # auto: scaled GEMMs on fp8 GPUs only
+    assert set_fp8_compute(model, "scaled_mm", "cpu") == "scaled_mm"  # CPU runs them when asked (slowly)
+    assert all(m.fp8_compute == "scaled_mm" for m in layers) and len(layers) == 20
+    # not state: the state dict, .to() and the 8-bit weights are as before; the mode survives .to()
+    keys = sorted(quantized_state_dict(model))
+    model.to(torch.bfloat16)
+    assert sorted(quantized_state_dict(model)) == keys and fp8_compute_mode(model) == "scaled_mm"
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.dtype == torch.float32 for m in layers)
+    assert set_fp8_compute(model, "dequant", "cpu") == "dequant"
+    with pytest.raises(ConfigError, match="dit_fp8_compute = 'fast': choose from auto, scaled_mm, dequant"):
+        set_fp8_compute(model, "fast", "cpu")
+
+    int8 = quantize_dit(tiny_dit(TINY_T2V), "int8")
+    assert set_fp8_compute(int8, "auto", "cpu") is None and fp8_compute_mode(int8) is None
+    assert all(m.fp8_compute == "dequant" for m in fp8_layers_of(int8))  # int8 stays weight-only
+    with pytest.raises(ConfigError, match="no fp8 layers"):
+        set_fp8_compute(int8, "scaled_mm", "cpu")
+    with pytest.raises(ConfigError, match="dit_fp8_compute = 'scaled_mm': needs fp8 weights"):
+        load_run_config({"dit_quantized": True, "dit_quant_scheme": "int8-vllm", "dit_fp8_compute": "scaled_mm"})
+
+
+@pytest.mark.parametrize("name,capability,auto", [
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "dequant"),
+    ("NVIDIA L40S", (8, 9), "scaled_mm"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), "scaled_mm"),
+], ids=["sm80", "sm89", "sm90"])
+def test_modes_on_simulated_gpus(monkeypatch, name, capability, auto):
+    monkeypatch.setattr(quant, "cuda_capability", lambda device: (name, capability))
+    model = quantize_dit(tiny_dit(TINY_T2V), "fp8")  # stays on CPU: only the mode choice is simulated
+    assert set_fp8_compute(model, "auto", "cuda") == auto
+    if auto == "dequant":
+        with pytest.raises(ConfigError, match=rf"{name} has compute capability 8\.0; fp8 GEMMs need 8\.9"):
+            set_fp8_compute(model, "scaled_mm", "cuda:0")
+        assert fp8_compute_mode(model) == "dequant"
+    else:
+        assert set_fp8_compute(model, "scaled_mm", torch.device("cuda", 0)) == "scaled_mm"
+
+
+def test_misaligned_layers_and_missing_scaled_mm(monkeypatch):
+    """CUDA's kernel takes in/out features in multiples of 16: "auto" leaves another layer on dequant and
+    says so; "scaled_mm" names the layer and leaves the model as it was. CPU has no such rule."""
+    monkeypatch.setattr(quant, "cuda_capability", lambda device: ("NVIDIA H100 80GB HBM3", (9, 0)))
+    model = torch.nn.Sequential(QuantLinear(48, 48, scheme="fp8"), QuantLinear(48, 40, scheme="fp8"),
+                                QuantLinear(40, 48, scheme="int8"))
+    mixed = set_fp8_compute(model, "auto", "cuda")
+    assert mixed == fp8_compute_mode(model) == ("mixed: 1 of 2 fp8 layers on scaled_mm; dequantized (in/out "
+                                                "features not multiples of 16): 1")
+    assert [m.fp8_compute for m in model] == ["scaled_mm", "dequant", "dequant"]
+    with pytest.raises(ConfigError, match=r"layer 1: out_features = 40: not a multiple of 16"):
+        set_fp8_compute(model, "scaled_mm", "cuda")
+    assert fp8_compute_mode(model) == mixed
+    assert set_fp8_compute(model, "scaled_mm", "cpu") == "scaled_mm"
+    assert model(torch.randn(3, 48)).shape == (3, 48)
+
+    monkeypatch.delattr(torch, "_scaled_mm")
+    with pytest.raises(ConfigError, match=r"has no torch\._scaled_mm; use 'auto' or 'dequant'"):
+        set_fp8_compute(model, "scaled_mm", "cpu")
+    assert set_fp8_compute(model, "auto", "cuda") == "dequant"
+
+
+def test_loader_sets_fp8_compute(tmp_path, monkeypatch):
+    arch = TINY_I2V
+    model = tiny_dit(arch)
+    write_official_dit(tmp_path, model)
+    folder = ModelFolder.open(tmp_path)
+
+    def load(mode, device="cpu"):
+        cfg = load_run_config({"dit_quantized": True, "dit_quant_scheme": "fp8-sgl", "dit_fp8_compute": mode},
+                              task="i2v")
+        return load_pipeline_dit(folder, cfg, torch.float32, device)
+
+    scaled, dequant = load("scaled_mm"), load("dequant")
+    assert fp8_compute_mode(scaled) == "scaled_mm" and fp8_compute_mode(dequant) == "dequant"
+    assert all(m.fp8_compute == "scaled_mm" for m in fp8_layers_of(scaled))
+    assert fp8_compute_mode(load("auto")) == "dequant"  # CPU
+    kw = dit_inputs(arch)
+    with torch.no_grad():
+        out, expect, ref = scaled(**kw), dequant(**kw), model(**kw)
+    err = rel_l2(out, expect)
+    print(f"DiT output, scaled fp8 GEMMs vs dequantized: rel-L2 {err:.3e} (bound {DIT_SCALED_BOUND:.0e}); "
+          f"vs fp32 {rel_l2(out, ref):.3e}")
+    assert 0 < err < DIT_SCALED_BOUND and rel_l2(out, ref) < REL_BOUND["fp8"]
+
+    # a pre-quantized file through load_quantized_dit: same layers, same output
+    path = tmp_path / "fp8.safetensors"
+    save_file(quantized_state_dict(dequant), str(path))
+    pre = load_quantized_dit(path, arch, "fp8-sgl", torch.float32, "cpu", fp8_compute="scaled_mm")
+    assert fp8_compute_mode(pre) == "scaled_mm"
+    with torch.no_grad():
+        assert torch.equal(pre(**kw), out)
+
+    # "scaled_mm" on a GPU without fp8 tensor cores fails before any weight is read
+    monkeypatch.setattr(quant, "cuda_capability", lambda device: ("NVIDIA A100-SXM4-80GB", (8, 0)))
+    monkeypatch.setattr("model.loader.read_weights", lambda *a: pytest.fail("weights read before the check"))
+    with pytest.raises(ConfigError, match="A100-SXM4-80GB has compute capability 8.0"):
+        load("scaled_mm", "cuda")
+    with pytest.raises(ConfigError, match="A100-SXM4-80GB has compute capability 8.0"):
+        load_quantized_dit(path, arch, "fp8", torch.float32, "cuda", fp8_compute="scaled_mm")
+
+
+CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9)")
+def test_scaled_mm_on_gpu():
+    """On the GPU: "auto" picks the scaled GEMM; against the unquantized bf16 linear the error is within the
+    bound derived above (plus bf16 rounding); a tiny DiT in bf16 agrees with the dequantized path."""
+    lin, _ = fp8_layer(k=1024, n=2048, dtype=torch.bfloat16)
+    lin = lin.cuda()
+    q = QuantLinear.from_linear(lin, "fp8")
+    assert set_fp8_compute(q, "auto", "cuda") == "scaled_mm"
+    x = torch.randn(3, 77, 1024, device="cuda", dtype=torch.bfloat16)  # 231 tokens: not a multiple of 16
+    with torch.no_grad():
+        ys, yd, yf = run_as(q, "scaled_mm", x), run_as(q, "dequant", x), lin(x)
+    b = lin.bias.float()
+    vs_float = rel_l2(ys.float() - b, yf.float() - b)
+    vs_dequant = rel_l2(ys.float() - b, yd.float() - b)
+    print(f"GPU {torch.cuda.get_device_name()}: scaled vs unquantized bf16 {vs_float:.4f}, vs dequant {vs_dequant:.4f}")
+    assert ys.dtype == torch.bfloat16 and ys.shape == (3, 77, 2048)
+    assert vs_dequant < FP8_RMS + BF16_SLACK and vs_float < math.sqrt(2) * FP8_RMS + BF16_SLACK
+
+    model = quantize_dit(tiny_dit(TINY_T2V), "fp8").to("cuda", torch.bfloat16)
+    kw = {k: v.cuda() for k, v in dit_inputs(TINY_T2V).items()}
+    with torch.no_grad():
+        expect = model(**kw).float()
+        assert set_fp8_compute(model, "auto", "cuda") == "scaled_mm"
+        out = model(**kw).float()
+    assert rel_l2(out, expect) < DIT_SCALED_BOUND + 3e-2  # bf16 activations on top of the CPU fp32 bound
