@@ -2,16 +2,18 @@
 
 We own this module because the hot path changes under us: sequence parallelism (`TokenLayout`), the
 CausVid KV cache, quantized and LoRA-merged linears. Numerics follow upstream `wan/modules/model.py`:
-fp32 residual stream, modulation and norms; float64 RoPE and time sinusoids; linears and attention in the
-dtype of their weights (bf16 on GPU, fp32 on CPU).
+fp32 residual stream, modulation and norms; float64 time sinusoids and RoPE angles (the rotation itself in
+fp32, within fp32 round-off of upstream's complex128); linears and attention in the dtype of their weights
+(bf16 on GPU, fp32 on CPU). Without autograd a block updates the tensors it made in place (CPU: a fresh
+tensor costs more than the pass that fills it); benchmarks/dit_vs_diffusers.py times it against diffusers.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .archs import DiTArch
 from .attention import LOCAL, TokenLayout
@@ -39,8 +41,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        """Upstream's `(x.float() * rsqrt(mean(x^2) + eps)).type_as(x) * weight`; the mean square comes from one
+        reduction (vector_norm) instead of a materialized x^2."""
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+        rstd = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / xf.shape[-1] + self.eps)
+        y, w = (xf * rstd).to(x.dtype), self.weight.to(x.dtype)
+        if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad):
+            return y * w
+        return y.mul_(w)  # in place on our own y: no new tensor
 
 
 class LayerNorm(nn.LayerNorm):
@@ -50,6 +58,18 @@ class LayerNorm(nn.LayerNorm):
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def modulated_norm(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`norm(x) * (1 + scale) + shift` in fp32; shift/scale [B, T, dim] with T = 1 or one row per token.
+
+    When one row serves every token (B = T = 1, the usual call) and the norm has no affine of its own, the
+    modulation is the layer norm's affine: one pass over x instead of three. Otherwise one addcmul.
+    """
+    if (x.dtype == torch.float32 and shift.shape[0] * shift.shape[1] == 1 and isinstance(norm, LayerNorm)
+            and norm.weight is None and norm.bias is None):
+        return F.layer_norm(x, norm.normalized_shape, scale.reshape(-1) + 1, shift.reshape(-1), norm.eps)
+    return torch.addcmul(shift, norm(x).float(), scale + 1)
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -62,20 +82,29 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
 
 
 def rope_params(max_positions: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64),
-                        1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)))
-    return torch.polar(torch.ones_like(freqs), freqs)  # complex128 [max_positions, dim/2]
+    """float64 angles [max_positions, dim/2]: position p turns channel pair i by p * theta^(-2i/dim) (upstream)."""
+    return torch.outer(torch.arange(max_positions, dtype=torch.float64),
+                       1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)))
+
+
+def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
+    """fp32 [P, 2, 2n] rotation rows of float64 angles [P, n]: row 0 = (cos, cos) per channel pair, row 1 =
+    (-sin, sin), so pair (a, b) turns into (a cos - b sin, b cos + a sin) (see apply_rope)."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], 1).flatten(2).float()
 
 
 def rope_table(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-axis rotation tables (time, height, width): 3-D RoPE with separate frequency bases."""
+    """Per-axis rotation tables (time, height, width): 3-D RoPE with separate frequency bases.
+
+    fp32 [ROPE_MAX_POSITIONS, 2, axis channels] (see _cos_sin): cos and sin are taken of the float64 angles and
+    rounded once, so the fp32 rotation stays within fp32 round-off of upstream's complex128 one."""
     hw = 2 * (head_dim // 6)
-    return (rope_params(ROPE_MAX_POSITIONS, head_dim - 2 * hw), rope_params(ROPE_MAX_POSITIONS, hw),
-            rope_params(ROPE_MAX_POSITIONS, hw))
+    return tuple(_cos_sin(rope_params(ROPE_MAX_POSITIONS, d)) for d in (head_dim - 2 * hw, hw, hw))
 
 
 def rope_freqs(tables, grid: tuple[int, int, int], frame_offset: int = 0) -> torch.Tensor:
-    """complex128 [f*h*w, head_dim/2] rotations of the tokens of a (f, h, w) grid, row-major order.
+    """fp32 [f*h*w, 2, head_dim] rotations (cos row, signed-sin row) of a (f, h, w) grid's tokens, row-major.
 
     frame_offset: absolute index of the first latent frame (CausVid blocks continue the video).
     """
@@ -85,17 +114,24 @@ def rope_freqs(tables, grid: tuple[int, int, int], frame_offset: int = 0) -> tor
                          f"{frame_offset} is beyond it")
     ft, fh, fw = tables
     return torch.cat([
-        ft[frame_offset:frame_offset + f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        fw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, -1)
+        ft[frame_offset:frame_offset + f].view(f, 1, 1, 2, -1).expand(f, h, w, 2, -1),
+        fh[:h].view(1, h, 1, 2, -1).expand(f, h, w, 2, -1),
+        fw[:w].view(1, 1, w, 2, -1).expand(f, h, w, 2, -1),
+    ], dim=-1).reshape(f * h * w, 2, -1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] by freqs [L, D/2] (float64 math)."""
-    b, s, n, d = x.shape
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, s, n, d // 2, 2))
-    out = torch.view_as_real(xc * freqs.view(1, s, 1, d // 2)).flatten(3)
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] by freqs [L, 2, D] (rope_freqs), in fp32.
+
+    out = x * cos + swap(x) * signed sin, the swapped term added in place on the pair views (no copy of x).
+    """
+    s, d = x.shape[1], x.shape[3]
+    xf = x.float()
+    cos, sin = freqs.view(1, s, 2, 1, d).unbind(2)
+    out = xf * cos
+    o, xp, sp = (t.unflatten(-1, (d // 2, 2)) for t in (out, xf, sin))
+    o[..., 0].addcmul_(xp[..., 1], sp[..., 0])
+    o[..., 1].addcmul_(xp[..., 0], sp[..., 1])
     return out.to(x.dtype)
 
 
@@ -169,17 +205,31 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
     def modulate(self, e0: torch.Tensor):
-        """(shift, scale, gate) for attention and for the FFN; e0 [B, T, 6, dim] with T = 1 or tokens."""
-        e = self.modulation.float().unsqueeze(1) + e0
-        return e.unbind(2)
+        """(shift, scale, gate) for attention and for the FFN; e0 [B, T, 6, dim] with T = 1 or tokens.
+
+        Each is added on its own (T = tokens: six [B, L, dim] tensors, not one [B, L, 6, dim])."""
+        m = self.modulation.float()
+        return tuple(e0[:, :, i] + m[:, i] for i in range(6))
+
+    def _ffn(self, x):
+        """ffn(x), with the tanh GELU in place on the hidden state where nothing needs it for a gradient: the
+        [L, ffn_dim] tensor is the block's largest, and a second one costs a fresh allocation per call."""
+        fc1, act, fc2 = self.ffn
+        h = fc1(x)
+        if type(act) is nn.GELU and not h.requires_grad:
+            return fc2(torch.ops.aten.gelu_(h, approximate=act.approximate))
+        return fc2(act(h))
 
     def forward(self, x, e0, freqs, ctx_kv, attend):
+        x = x.contiguous()  # patchify's tokens are a transposed view: strided, every op on them would be slow
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulate(e0)
-        y = self.self_attn(self.norm1(x) * (1 + scale_a) + shift_a, freqs, attend)
-        x = x + y.float() * gate_a
-        x = x + self.cross_attn(self.norm3(x), ctx_kv).float()
-        y = self.ffn(self.norm2(x) * (1 + scale_f) + shift_f)
-        return x + y.float() * gate_f
+        y = self.self_attn(modulated_norm(self.norm1, x, shift_a, scale_a), freqs, attend)
+        x = torch.addcmul(x, y.float(), gate_a)  # a new tensor (the caller's x stays): below, ours to update in place
+        inplace = not torch.is_grad_enabled()  # no autograd graph holds x
+        y = self.cross_attn(self.norm3(x), ctx_kv).float()
+        x = x.add_(y) if inplace else x + y
+        y = self._ffn(modulated_norm(self.norm2, x, shift_f, scale_f)).float()
+        return x.addcmul_(y, gate_f) if inplace else torch.addcmul(x, y, gate_f)
 
 
 class Head(nn.Module):
@@ -191,8 +241,8 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         """e: [B, T, dim] time embedding (not the projected e0)."""
-        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)
-        return self.head(self.norm(x) * (1 + scale) + shift)
+        m = self.modulation.float()
+        return self.head(modulated_norm(self.norm, x, e + m[:, 0], e + m[:, 1]))
 
 
 class MLPProj(nn.Module):
@@ -224,7 +274,7 @@ class WanModel(nn.Module):
         self._rope = None  # per-axis tables, built on first use (not state: not in the state dict)
 
     # ---- initialisation (training from scratch; loaded checkpoints overwrite it) ----
-    def init_weights(self) -> "WanModel":
+    def init_weights(self) -> WanModel:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -239,7 +289,7 @@ class WanModel(nn.Module):
         return self
 
     # ---- attention kernels ----
-    def use_kernels(self, kernels: DiTKernels) -> "WanModel":
+    def use_kernels(self, kernels: DiTKernels) -> WanModel:
         """Run every block's attention with these kernels (model/kernels.py)."""
         for blk in self.blocks:
             blk.self_attn.kernel = kernels.self_attn
@@ -332,7 +382,10 @@ class WanModel(nn.Module):
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens, grid = self.patchify(x)
         length = tokens.shape[1]
-        freqs = rope_freqs(self.rope_tables(), grid).to(tokens.device)
+        key, cached = (grid, tokens.device), getattr(self, "_grid_freqs", None)
+        if cached is None or cached[0] != key:  # one grid per request size: build its rotations once
+            cached = self._grid_freqs = (key, rope_freqs(self.rope_tables(), grid).to(tokens.device))
+        freqs = cached[1]
         e, e0 = self.time_embed(t.to(tokens.device))
         e, e0 = self.per_token(e, grid), self.per_token(e0, grid)
         kv = self.context_kv(self.embed_context(context, clip_fea))

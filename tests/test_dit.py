@@ -22,11 +22,13 @@ def diffusers_reference(model: WanModel) -> WanTransformer3DModel:
     return ref
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("arch", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
-def test_forward_equals_diffusers(arch):
+def test_forward_equals_diffusers(arch, batch):
+    """batch 1 takes the modulation into the layer norms' affine (modulated_norm); batch 2 the addcmul path."""
     model = tiny_dit(arch)
     ref = diffusers_reference(model)
-    kw = dit_inputs(arch)
+    kw = dit_inputs(arch, batch=batch)
     ctx = F.pad(kw["context"], (0, 0, 0, arch.text_len - kw["context"].shape[1]))  # diffusers takes padded text
     with torch.no_grad():
         ours = model(**kw)
@@ -36,6 +38,20 @@ def test_forward_equals_diffusers(arch):
     diff = (ours - theirs).abs().max().item()
     print(f"{arch.model_type}: max |ours - diffusers| = {diff:.2e} (output max {ours.abs().max():.2f})")
     assert diff <= TOL
+
+
+def test_per_frame_timesteps_equal_diffusers():
+    """Distinct timesteps per frame (per-token modulation) against diffusers' per-token timesteps [B, L]."""
+    model = tiny_dit(TINY_T2V)
+    ref = diffusers_reference(model)
+    kw = dit_inputs(TINY_T2V, batch=1)
+    t = torch.tensor([[999.0, 437.5, 10.0]])
+    tokens_per_frame = (kw["x"].shape[3] // 2) * (kw["x"].shape[4] // 2)
+    ctx = F.pad(kw["context"], (0, 0, 0, TINY_T2V.text_len - kw["context"].shape[1]))
+    with torch.no_grad():
+        ours = model(**dict(kw, t=t))
+        theirs = ref(kw["x"], t.repeat_interleave(tokens_per_frame, 1), ctx, return_dict=False)[0]
+    assert (ours - theirs).abs().max().item() <= TOL
 
 
 def test_per_frame_timesteps_equal_uniform():
@@ -62,12 +78,53 @@ def test_per_frame_timesteps_condition_each_frame():
     assert (a - b).abs().amax(dim=(0, 1, 3, 4))[0] > 1e-3
 
 
-def test_rope_matches_reference_formula():
-    """Channel pair j of a head rotates by the documented angle: time, height, width bands of 22/21/21 (d=128)."""
-    d = 128
+def official_rope(x: torch.Tensor, grid: tuple[int, int, int], frame_offset: int = 0) -> torch.Tensor:
+    """Upstream wan/modules/model.py rope_params + rope_apply, written out again: complex128 rotations of the
+    (time, height, width) bands, x in float64."""
+    b, seq, n, d = x.shape
+    c = d // 2
+
+    def params(dim):  # rope_params(1024, dim)
+        angles = torch.outer(torch.arange(1024, dtype=torch.float64),
+                             1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)))
+        return torch.polar(torch.ones_like(angles), angles)
+
+    freqs = torch.cat([params(d - 4 * (d // 6)), params(2 * (d // 6)), params(2 * (d // 6))], dim=1)
+    ft, fh, fw = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+    f, h, w = grid
+    rot = torch.cat([ft[frame_offset:frame_offset + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                     fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                     fw[:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(seq, 1, -1)
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, seq, n, -1, 2))
+    return torch.view_as_real(xc * rot).flatten(3)
+
+
+@pytest.mark.parametrize("frame_offset", [0, 2, 1000])
+def test_rope_equals_official_complex128(frame_offset):
+    """fp32 cos/sin rotation of random q/k (release head_dim 128) = upstream's float64 complex path within 1e-5,
+    also at a CausVid frame offset near the table's end."""
+    d, grid = 128, (3, 4, 5)
     tables = rope_table(d)
+    freqs = rope_freqs(tables, grid, frame_offset)
+    assert freqs.dtype == torch.float32 and freqs.shape == (math.prod(grid), 2, d)
+    g = torch.Generator().manual_seed(frame_offset)
+    for _ in range(2):  # q, k
+        x = torch.randn(2, math.prod(grid), 3, d, generator=g) * 3
+        y = apply_rope(x, freqs)
+        assert y.dtype == torch.float32
+        assert (y.double() - official_rope(x, grid, frame_offset)).abs().max().item() <= TOL
+    xb = torch.randn(1, math.prod(grid), 2, d, generator=g).bfloat16()
+    yb = apply_rope(xb, freqs)
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.double(), official_rope(xb, grid, frame_offset), rtol=2 ** -7, atol=1e-2)
+
+
+def test_rope_tables_are_the_documented_angles():
+    """Channel pair j of a head rotates by the documented angle: time, height, width bands of 22/21/21 (d=128);
+    rows: (cos, cos) and (-sin, sin) per pair."""
+    d = 128
     grid = (3, 4, 5)
-    freqs = rope_freqs(tables, grid, frame_offset=2)
+    freqs = rope_freqs(rope_table(d), grid, frame_offset=2)
     f_i, h_i, w_i = 1, 2, 3
     tok = (f_i * grid[1] + h_i) * grid[2] + w_i
     for j in (0, 21, 22, 42, 43, 63):
@@ -77,12 +134,34 @@ def test_rope_matches_reference_formula():
             angle = h_i * 10000 ** (-2 * (j - 22) / 42)
         else:
             angle = w_i * 10000 ** (-2 * (j - 43) / 42)
-        assert math.isclose(torch.angle(freqs[tok, j]).item(), math.remainder(angle, 2 * math.pi), abs_tol=1e-9)
-    x = torch.randn(1, freqs.shape[0], 2, d, dtype=torch.float64)
-    y = apply_rope(x, freqs)
-    a, b = x[0, tok, 0, 2 * 5], x[0, tok, 0, 2 * 5 + 1]
-    c, s = freqs[tok, 5].real, freqs[tok, 5].imag
-    assert torch.allclose(y[0, tok, 0, 10], a * c - b * s) and torch.allclose(y[0, tok, 0, 11], a * s + b * c)
+        cos, sin = freqs[tok, 0, 2 * j].item(), freqs[tok, 1, 2 * j + 1].item()
+        assert freqs[tok, 0, 2 * j + 1].item() == cos and freqs[tok, 1, 2 * j].item() == -sin
+        assert math.isclose(cos, math.cos(angle), abs_tol=1e-7) and math.isclose(sin, math.sin(angle), abs_tol=1e-7)
+    with pytest.raises(ValueError, match="RoPE covers 1024"):
+        rope_freqs(rope_table(d), grid, frame_offset=1022)
+
+
+def test_rope_gradient_equals_official():
+    """The in-place pair update keeps autograd right (training runs through apply_rope)."""
+    d, grid = 12, (2, 3, 2)
+    freqs = rope_freqs(rope_table(d), grid)
+    x = torch.randn(1, math.prod(grid), 2, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, math.prod(grid), 2, d, dtype=torch.float64)
+    (g,) = torch.autograd.grad((apply_rope(x, freqs) * w).sum(), x)
+    (ref,) = torch.autograd.grad((official_rope(x, grid) * w).sum(), x)
+    assert (g - ref).abs().max().item() <= TOL
+
+
+def test_grad_path_equals_inference_path():
+    """Block.forward updates its own tensors in place only without autograd; both paths agree, and backward runs."""
+    model = tiny_dit(TINY_T2V)
+    kw = dit_inputs(TINY_T2V)
+    with torch.no_grad():
+        a = model(**kw)
+    b = model(**kw)
+    b.square().mean().backward()
+    assert (a - b.detach()).abs().max().item() <= 1e-6
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_bad_inputs_raise_clear_errors():
