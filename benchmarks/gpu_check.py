@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO))
 from capacity.flops import dit_forward_flops  # noqa: E402
 from capacity.hardware import GPUS  # noqa: E402
 from model.archs import WAN21_T2V_1_3B, WAN21_T2V_14B, DiTArch  # noqa: E402
+from model.compile import TOLERANCE as COMPILE_TOL  # noqa: E402
+from model.compile import compile_dit  # noqa: E402
 from model.dit import WanModel  # noqa: E402
 from model.kernels import KERNEL_NAMES, KernelError, attention, resolve_kernel  # noqa: E402
 from model.quant import QuantLinear, check_fp8_compute, set_fp8_compute  # noqa: E402
@@ -220,6 +222,26 @@ def check_fp8_gemm(device: torch.device, opts) -> Row:
     return Row("fp8_scaled_gemm", "pass" if ok else "fail", f"vs the unquantized bf16 linear (bound {FP8_REL})", figs)
 
 
+def check_compile(device: torch.device, opts) -> Row:
+    """Regional torch.compile (model/compile.py) vs eager on the small DiT in the device's compute dtype."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_dit(SMALL, device, dtype)
+    kw = dit_inputs(SMALL, (3, 16, 16), device)
+    with torch.no_grad():
+        eager = model(**kw)
+        eager_s = timed(lambda: model(**kw), device)
+        compile_dit(model)
+        t0 = time.perf_counter()
+        compiled = model(**kw)
+        synced(device)
+        compile_s = time.perf_counter() - t0
+        compiled_s = timed(lambda: model(**kw), device)
+    err = float((compiled.float() - eager.float()).abs().max())
+    bound = COMPILE_TOL if dtype == torch.float32 else BF16_REL * float(eager.float().abs().max())
+    return Row("compile", "pass" if err <= bound else "fail", f"compiled vs eager max abs {err:.2e} (bound {bound:.1e})",
+               {"max_abs": err, "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 3)})
+
+
 def check_big_dit(arch: DiTArch, label: str):
     def run(device: torch.device, opts) -> Row:
         if device.type != "cuda":
@@ -277,6 +299,7 @@ ROWS = {
     "quant_int8": check_quant("int8"),
     "quant_fp8": check_quant("fp8"),
     "fp8_gemm": check_fp8_gemm,
+    "compile": check_compile,
     "serve": check_serve,
     "dit_1.3B": check_big_dit(WAN21_T2V_1_3B, "1.3B"),
     "dit_14B": check_big_dit(WAN21_T2V_14B, "14B"),

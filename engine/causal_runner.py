@@ -26,7 +26,7 @@ from parallel.causal import attach
 from parallel.group import Group
 
 from .protocol import RemoteError, collective_cancel, rank0_progress, share_result, share_tensors
-from .runner import attach_group
+from .runner import attach_group, warm_up_group
 from .tiers import Tier
 
 IDLE_DEVICE = torch.device("cpu")
@@ -118,6 +118,13 @@ class CausalRunner:
         self._alive: weakref.WeakSet = weakref.WeakSet()  # every session ever made here, while it exists
         self.current: dict[str, Any] | None = None  # the running / last next_fragment: session, blocks done
         self.is_decoder = group.rank == 0
+        self.warmup = {"compiled": True, "sizes": {}} if pipe.cfg.compile else {"compiled": False}
+
+    def warm_up(self) -> dict:
+        """Compile the block forward at the configured sizes now (every rank, at start; one block covers a
+        session: the cache attention stays eager, model/compile.py)."""
+        self.warmup = warm_up_group(self.pipe, self.group)
+        return self.warmup
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _entry(self, session_id: str) -> SessionEntry:

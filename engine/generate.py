@@ -30,6 +30,7 @@ def on_group(args, cfg, request, progress):
     try:
         pipe = load_rank_pipeline(args.model_path, cfg, group.rank, device, lora_roots=lora_roots(args))
         runner = rank_runner(pipe, group)
+        runner.warm_up()  # `compile`: before the request, on every rank
         req, error = None, None
         if group.rank == 0:
             try:
@@ -39,7 +40,7 @@ def on_group(args, cfg, request, progress):
         with group.watch("request", benign=(RequestError,)):
             share_result(group, None, error)
         result = runner.generate(req, progress=progress)
-        return result, {"world_size": group.world_size}
+        return result, {"world_size": group.world_size, **({"compile": runner.warmup} if pipe.cfg.compile else {})}
     finally:
         group.close()
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import LOCAL, TokenLayout
+from model.compile import clip_tokens, warm_up
 from model.config import ConfigError
 from model.kernels import KernelError
 from model.pipeline import Cancelled, Conditioning, Generation, Progress, Request, RequestError, StageTimer, WanPipeline
@@ -19,7 +20,7 @@ from parallel.attention import CommStats, SequenceParallelLayout, load_usp
 from parallel.fsdp import shard_dit
 from parallel.group import Group, GroupLayout
 
-from .protocol import RemoteError, collective_cancel, rank0_progress, share_tensors
+from .protocol import RemoteError, collective_cancel, rank0_progress, share_result, share_tensors
 
 
 def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
@@ -45,6 +46,20 @@ def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
     return stats, layout
 
 
+def warm_up_group(pipe, group: Group) -> dict:
+    """`compile`: every rank of the group warms its DiT up together, at the same sizes (the forwards hold the
+    SP collectives), before the first request; the report is what /healthz shows. Rank 0 shares what only it
+    knows (the CLIP token count of i2v). {"compiled": False} without compile."""
+    if not pipe.cfg.compile:
+        return {"compiled": False}
+    with group.watch("warm-up"):
+        group.phase = "warm-up"
+        n_clip = share_result(group, clip_tokens(pipe) if group.rank == 0 else None)
+        report = warm_up(pipe, n_clip)
+        group.phase = "idle"
+    return report
+
+
 class ParallelRunner:
     """Attaches the SP layout (and optional FSDP sharding) to `pipe.dit` and runs generations on one rank."""
 
@@ -60,6 +75,12 @@ class ParallelRunner:
         if cfg.parallel is not None and cfg.parallel.dit_fsdp:
             shard_dit(pipe.dit, group)
         self.guidance = self._cfg_parallel if group.cfg.size > 1 else None
+        self.warmup = {"compiled": True, "sizes": {}} if cfg.compile else {"compiled": False}
+
+    def warm_up(self) -> dict:
+        """Compile at the configured sizes now (every rank, at start): the first request pays nothing."""
+        self.warmup = warm_up_group(self.pipe, self.group)
+        return self.warmup
 
     # ---- collectives of the job ----
     def share_conditioning(self, cond: Conditioning | None, error: BaseException | None = None) -> Conditioning:

@@ -45,6 +45,7 @@ class SPWorker:
         self.group = join(self.rank, self.world_size, addr, port, layout, device=self.device, store=self._store,
                           **self.group_options)
         self.runner = rank_runner(self.pipe, self.group)
+        self.runner.warm_up()  # `compile`: every rank compiles its DiT together, before the first request
         return {**self.health(), "runtime": runtime_info(self.runner)}
 
     def _job(self, fn, *args):

@@ -21,6 +21,7 @@ from .causal_session import BlockOutput, CausalSession
 from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import TextEncoder
+from .compile import keep_attention_eager
 from .pipeline import CancelFn, Generation, ProgressFn, RequestError, check_prompt, load_components
 from .schedulers import make_sampler
 from .vae import WanVAE
@@ -64,6 +65,8 @@ class CausVidPipeline:
         self.device = torch.device(device)
         self.arch = dit.arch
         self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames)
+        if cfg.compile:  # the cache attention stays out of the compiled blocks (model/compile.py says why)
+            keep_attention_eager(dit, self.causal)
         self.sampler = make_sampler(cfg)
 
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError
+from .compile import warm_up
 from .config import TASKS, ConfigError, RunConfig, load_run_config
 from .paths import PathNotAllowed
 from .registry import NAMES, model_class
@@ -136,10 +137,11 @@ def one_process(args: argparse.Namespace, cfg: RunConfig, request, progress) -> 
     req = request()  # before loading: a missing or unreadable image fails at once
     mc = model_class(cfg.model_cls)
     pipe = mc.pipeline_class().from_pretrained(args.model_path, cfg, device=args.device, lora_roots=lora_roots(args))
+    extra = {"compile": warm_up(pipe)} if cfg.compile else {}  # the compile is not the request's
     if mc.sessions:  # block-by-block: num_fragments fragments of one throwaway session
-        return pipe.generate(req.prompt, req.seed, req.height, req.width, progress=progress), {}
+        return pipe.generate(req.prompt, req.seed, req.height, req.width, progress=progress), extra
     return pipe.generate(req.prompt, req.negative_prompt, req.image, req.seed, req.frames, req.height, req.width,
-                         progress=progress), {}
+                         progress=progress), extra
 
 
 def main(argv=None) -> int:

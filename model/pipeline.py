@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .archs import ComponentArchs, latent_frames
 from .checkpoint import CheckpointError, ModelFolder
+from .compile import compile_dit
 from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import ImageEncoder, TextEncoder
@@ -340,6 +341,8 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
     archs = component_archs(folder)
     kernels = resolve_kernels(cfg.kernel_names, device, dtype)  # before any weight is read: fail fast
     dit = load_pipeline_dit(folder, cfg, dtype, device, lora_roots, arch).use_kernels(kernels)
+    if cfg.compile:  # the blocks; warmed up by model.compile.warm_up once the layout is attached
+        compile_dit(dit)
     if denoise_only:
         return dit, None, None, None
     text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
