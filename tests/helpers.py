@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -70,3 +71,14 @@ def dit_inputs(arch: DiTArch, batch: int = 2, frames: int = 3, h: int = 8, w: in
         kw["clip_fea"] = torch.randn(batch, 257, arch.img_dim, generator=g)
         kw["y"] = torch.randn(batch, arch.in_dim - arch.out_dim, frames, h, w, generator=g)
     return kw
+
+
+def reference_attention(q, k, v, key_mask=None):
+    """Independent float64 softmax attention -> (out, lse); q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool
+    [B, Lk] or [Lk] (True = attend)."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        m = key_mask.view(-1, 1, 1, key_mask.shape[-1]) if key_mask.dim() == 2 else key_mask.view(1, 1, 1, -1)
+        s = s.masked_fill(~m, -math.inf)
+    return (torch.softmax(s, -1) @ v).transpose(1, 2), torch.logsumexp(s, -1)

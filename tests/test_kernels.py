@@ -1,13 +1,12 @@
 """Attention kernels chosen loudly (model/kernels.py): LightX2V's keys map to a kernel or the load fails
 naming what is missing; the configured kernel is the one every attention of the DiT calls; the mask
 adapter the CUDA kernels rely on equals masked SDPA (checked here with SDPA as the unmasked kernel)."""
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import dit_inputs, tiny_dit
+from helpers import dit_inputs, reference_attention, tiny_dit
 from model.archs import TINY_I2V, TINY_T2V
 from model.causal import CausalDiT
 from model.config import ConfigError, load_run_config
@@ -23,17 +22,6 @@ from model.kernels import (
     resolve_kernels,
 )
 from parallel.attention import KVSegment, attend_segments
-
-
-def reference(q, k, v, mask=None):
-    """float64 softmax attention with lse; mask bool [B, Lk] or [Lk]."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        m = mask.view(-1, 1, 1, mask.shape[-1]) if mask.dim() == 2 else mask.view(1, 1, 1, -1)
-        s = s.masked_fill(~m, -math.inf)
-    lse = torch.logsumexp(s, -1)
-    return (torch.softmax(s, -1) @ v).transpose(1, 2), lse
 
 
 # a stand-in for a CUDA kernel: takes no mask, so masked calls go through the same adapter as flash/sage
@@ -53,7 +41,7 @@ def test_mask_adapter_equals_masked_attention():
     shared[3] = True
     for mask in (None, shared, per_sample):
         out, lse = UNMASKED.with_lse(q, k, v, mask)
-        ref, ref_lse = reference(q, k, v, mask)
+        ref, ref_lse = reference_attention(q, k, v, mask)
         live = slice(0, 2) if mask is per_sample else slice(None)
         assert (out[live].double() - ref[live]).abs().max() < 1e-5
         assert (lse[live].double() - ref_lse[live]).abs().max() < 1e-5

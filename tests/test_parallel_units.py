@@ -1,7 +1,6 @@
 """Sequence parallelism, in one process: group layouts, local kernels with log-sum-exp, segment masking,
 bounded joining. (The multi-process numerics are in test_parallel_sp.py / test_parallel_sp4.py.)"""
 import json
-import math
 import sys
 import threading
 import time
@@ -9,6 +8,7 @@ import time
 import pytest
 import torch
 
+from helpers import reference_attention
 from model.archs import DiTArch
 from model.config import ConfigError, load_run_config
 from model.kernels import attention, attention_lse
@@ -27,15 +27,6 @@ from parallel.group import (
     wait,
 )
 from parallel.heartbeat import Heartbeat
-
-
-def reference_attention(q, k, v, key_mask=None):
-    """Independent float64 softmax attention; q [B, Lq, H, D], k/v [B, Lk, H, D], key_mask bool [B, Lk]."""
-    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask[:, None, None, :], -math.inf)
-    return (torch.softmax(s, -1) @ v).transpose(1, 2), torch.logsumexp(s, -1)
 
 
 # ---- layouts ---------------------------------------------------------------------------------------
