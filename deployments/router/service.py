@@ -77,7 +77,7 @@ class Service:
                          "default_size": format_size(cfg.target_height, cfg.target_width),
                          "default_num_frames": cfg.target_video_length, "fps": cfg.fps, "steps": cfg.steps,
                          "replicas": len(self.dispatchers[name].replicas), "queued": queued[name],
-                         "attention": cfg.kernel_names, "runtime": self._runtimes(name)})
+                         "attention": cfg.kernel_names, "runtime": replica_runtimes(self.dispatchers[name])})
         return {"object": "list", "data": data, "loras": sorted(await asyncio.to_thread(self.catalog.loras))}
 
     async def health(self) -> dict:
@@ -87,11 +87,8 @@ class Service:
         ready = all(replicas.values())
         return {"status": "ok" if ready else "degraded", "ready": ready, "models": replicas,
                 "queued": await asyncio.to_thread(self.store.queue_depth), "running": running,
-                "loop_errors": self.errors.snapshot(), "runtime": {n: self._runtimes(n) for n in self.dispatchers}}
-
-    def _runtimes(self, model: str) -> dict[str, dict]:
-        """{replica: what it runs} (engine.rank.runtime_info, as of the last status poll)."""
-        return {rid: st["runtime"] for rid, st in self.dispatchers[model].replicas.items() if st.get("runtime")}
+                "loop_errors": self.errors.snapshot(),
+                "runtime": {n: replica_runtimes(d) for n, d in self.dispatchers.items()}}
 
     async def waiting_for_replicas(self) -> list[str]:
         """Models without a running replica (a request for them would 503); those are polled again now, so
@@ -99,3 +96,8 @@ class Service:
         waiting = [n for n, d in self.dispatchers.items() if not d.replicas]
         await asyncio.gather(*(self.dispatchers[n].poll(force=True) for n in waiting))
         return [n for n in waiting if not self.dispatchers[n].replicas]
+
+
+def replica_runtimes(dispatcher) -> dict[str, dict]:
+    """{replica: what it runs} (engine.rank.runtime_info, as of the dispatcher's last status poll)."""
+    return {rid: st["runtime"] for rid, st in dispatcher.replicas.items() if st.get("runtime")}
