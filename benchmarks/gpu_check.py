@@ -18,7 +18,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from model.dit import WanModel  # noqa: E402
 from model.kernels import KERNEL_NAMES, KernelError, attention, resolve_kernel  # noqa: E402
 from model.quant import QuantLinear, check_fp8_compute, set_fp8_compute  # noqa: E402
 from model.validation import ConfigError  # noqa: E402
+from parallel.group import free_port  # noqa: E402
 
 # bf16 has an 8-bit mantissa (relative rounding 2^-9 per op); two layers of linears, norms and attention
 # stay well inside 2 %. Sage attention quantizes Q/K to int8: 5 %.
@@ -102,6 +102,15 @@ def random_dit(arch: DiTArch, device, dtype, seed: int = 0) -> WanModel:
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=g) if p.dim() > 1 else p.uniform_(-0.05, 0.05, generator=g)
     return model.eval().requires_grad_(False)
+
+
+def bf16_linear(seed: int) -> tuple[torch.nn.Linear, torch.Generator]:
+    """A 512 -> 1024 bf16 linear with weights of std 0.05, and the generator to draw its inputs from."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(512, 1024).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1024, 512, generator=g) * 0.05)
+    return lin, g
 
 
 def dit_inputs(arch: DiTArch, grid: tuple[int, int, int], device, seed: int = 1) -> dict:
@@ -177,10 +186,7 @@ def check_quant(scheme: str):
     def run(device: torch.device, opts) -> Row:
         if scheme == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise Skip("fp8 tensors need compute capability 8.9+")
-        g = torch.Generator().manual_seed(4)
-        lin = torch.nn.Linear(512, 1024).to(torch.bfloat16)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(1024, 512, generator=g) * 0.05)
+        lin, g = bf16_linear(4)
         q = QuantLinear.from_linear(lin, scheme).to(device)
         x = torch.randn(64, 512, generator=g).to(device, torch.bfloat16)
         ref = torch.nn.functional.linear(x.double(), q.dequantize(torch.float64), q.bias.double())
@@ -198,10 +204,7 @@ def check_fp8_gemm(device: torch.device, opts) -> Row:
         check_fp8_compute("scaled_mm", device)
     except ConfigError as e:
         raise Skip(str(e)) from None
-    g = torch.Generator().manual_seed(5)
-    lin = torch.nn.Linear(512, 1024).to(torch.bfloat16)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(1024, 512, generator=g) * 0.05)
+    lin, g = bf16_linear(5)
     model = torch.nn.Sequential(QuantLinear.from_linear(lin, "fp8")).to(device)
     mode = set_fp8_compute(model, "scaled_mm", device)
     x = torch.randn(64, 512, generator=g).to(device, torch.bfloat16)
@@ -238,7 +241,8 @@ def check_compile(device: torch.device, opts) -> Row:
         compiled_s = timed(lambda: model(**kw), device)
     err = float((compiled.float() - eager.float()).abs().max())
     bound = COMPILE_TOL if dtype == torch.float32 else BF16_REL * float(eager.float().abs().max())
-    return Row("compile", "pass" if err <= bound else "fail", f"compiled vs eager max abs {err:.2e} (bound {bound:.1e})",
+    return Row("compile", "pass" if err <= bound else "fail",
+               f"compiled vs eager max abs {err:.2e} (bound {bound:.1e})",
                {"max_abs": err, "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 3)})
 
 
@@ -246,6 +250,7 @@ def check_big_dit(arch: DiTArch, label: str):
     def run(device: torch.device, opts) -> Row:
         if device.type != "cuda":
             raise Skip("CUDA only: a release-size DiT at 480p x 81 frames takes hours on a CPU")
+        torch.cuda.empty_cache()  # the previous row's model is gone with its frame
         grid = (21, 60, 104)  # latent of 832x480 x 81 frames
         model = random_dit(arch, device, torch.bfloat16)
         kw = dit_inputs(arch, grid, device)
@@ -261,24 +266,16 @@ def check_big_dit(arch: DiTArch, label: str):
                 "dit_flops_per_forward": flops, "peers": PEERS}
         if gpu is not None:
             figs["mfu"] = round(flops / step / gpu.bf16_flops, 3)
-        del model
-        torch.cuda.empty_cache()
         return Row(f"dit_{label}_480p", detail=f"{name}: 4 steps {4 * step:.2f} s, CFG step {cfg_step:.2f} s",
                    figures=figs)
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_serve(device: torch.device, opts) -> Row:
     """The demo app on this device: `python -m deployments.demo` sends a T2V job and a 2-fragment session."""
     out = Path(opts.out) / "serve"
     cmd = [sys.executable, "-m", "deployments.demo", "--device", device.type, "--out", str(out),
-           "--port", str(free_port())]
+           "--port", str(free_port("127.0.0.1"))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=opts.serve_timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

@@ -39,7 +39,7 @@ def runtime_info(runner: CausalRunner | ParallelRunner) -> dict:
     dit = runner.pipe.dit
     layout = dit.layout
     return {"attention": dit.kernels.names(), "sp_backend": layout.attn.backend if layout.sharded else None,
-            "compile": getattr(runner, "warmup", None) or {"compiled": False},
+            "compile": runner.warmup,
             "fp8_compute": fp8_compute_mode(dit)}
 
 
