@@ -189,14 +189,15 @@ class CausalRunner:
 
     # ---- calls that change sessions (every rank, one at a time) ----------------------------------------
     def open(self, session_id: str, prompt: str, seed: int | None = None, height: int | None = None,
-             width: int | None = None) -> dict[str, Any]:
-        """A new session (no work yet: the prompt is encoded and the caches allocated by its first fragment)."""
+             width: int | None = None, history: bool = False) -> dict[str, Any]:
+        """A new session (no work yet: the prompt is encoded and the caches allocated by its first fragment).
+        history=True keeps the whole video in the session (tests and scripts; a server's memory stays flat)."""
         if not isinstance(session_id, str) or not session_id:
             raise RequestError("session id must be a non-empty string")
         with self._table:
             if session_id in self.sessions:
                 raise SessionExists(f"session {session_id!r} is already open")
-        session = self._track(self.pipe.start_session(prompt, seed, height, width))
+        session = self._track(self.pipe.start_session(prompt, seed, height, width, history))
         with self._table:
             self.sessions[session_id] = SessionEntry(session)
         return self.info(session_id)
@@ -234,8 +235,9 @@ class CausalRunner:
         if not self.is_decoder:
             return None
         timings = dict(s.timings, communication=self.comm.seconds)
-        return {"frames": np.concatenate(s.decoded_blocks(entry.call_first_block)),
-                "fragment": s.fragments - 1, "blocks": [entry.call_first_block, s.blocks], "timings": timings,
+        first = s.fragment_first_block  # the whole fragment, also when this call finished a cancelled one
+        return {"frames": np.concatenate(s.decoded_blocks(first)),
+                "fragment": s.fragments - 1, "blocks": [first, s.blocks], "timings": timings,
                 "info": self.info(session_id)}
 
     @torch.no_grad()
@@ -305,7 +307,7 @@ class CausalRunner:
                     error = e
             with timer("broadcast"):
                 args = share_result(group, args, error)
-            session = self._track(pipe.start_session(*args))
+            session = self._track(pipe.start_session(*args, history=True))
             n = pipe.cfg.num_fragments
             videos = []
             with timer("dit"):  # the fragments' own split (text / dit / vae) is in the session's timings

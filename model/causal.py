@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .kernels import SDPA, AttentionKernel, attention
-from .dit import ROPE_MAX_POSITIONS, WanModel, rope_freqs
+from .dit import ROPE_MAX_POSITIONS, WanModel, apply_rope, rope_freqs, time_shift
 
 __all__ = ["ROPE_MAX_POSITIONS", "KVCache", "SlotKV", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
            "tensor_bytes", "CacheFactory", "local_cache"]
@@ -46,6 +46,13 @@ class SlotKV:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.unit = 0
+        self.k_sink: torch.Tensor | None = None  # relative positions: the sink's keys as written (never re-rotated)
+        self._shift = 0  # the sink shift self.k's sink slots are rotated by
+
+    @property
+    def sink_units(self) -> int:
+        """Leading slots that hold the sink and are re-positioned (0: the sink keeps its absolute positions)."""
+        return 0
 
     def _ensure(self, k: torch.Tensor, slots: int, unit: int) -> None:
         shape = (k.shape[0], slots * unit, k.shape[2], k.shape[3])
@@ -59,19 +66,51 @@ class SlotKV:
                                  f"{k.device}; move the session with .to() first")
             if self.k.shape[1] >= shape[1]:
                 return
-        new_k = torch.empty(shape, dtype=k.dtype, device=k.device)
-        new_v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        # zeros: a restore's replay may attend to slots of frames it skipped (KVCache.skip_to)
+        new_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+        new_v = torch.zeros(shape, dtype=k.dtype, device=k.device)
         if self.k is not None:  # grow: keep what is there
             n = self.k.shape[1]
             new_k[:, :n], new_v[:, :n] = self.k, self.v
         self.k, self.v, self.unit = new_k, new_v, unit
 
+    def keep_sink(self, first_slot: int, slots: int) -> None:
+        """After a write of slots [first_slot, first_slot + slots): keep the sink's part as written. Sink slots are
+        written only while the window has not moved (sink_shift 0), so these are the keys at their own positions."""
+        n, u = self.sink_units, self.unit
+        end = min(first_slot + slots, n)
+        if first_slot >= end:
+            return
+        if self.k_sink is None or self.k_sink.shape[0] != self.k.shape[0]:
+            self.k_sink = torch.zeros((self.k.shape[0], n * u, *self.k.shape[2:]), dtype=self.k.dtype,
+                                      device=self.k.device)
+        self.k_sink[:, first_slot * u:end * u] = self.k[:, first_slot * u:end * u]
+
+    def place_sink(self) -> None:
+        """Rotate the sink's keys to sit just before the window (`KVCache.sink_shift`): once per block, from the
+        keys as written (so no rounding accumulates), for the S sink frames only."""
+        shift = self.cache.sink_shift
+        if shift == self._shift or self.k_sink is None:
+            return
+        n = self.k_sink.shape[1]
+        if shift == 0:
+            self.k[:, :n] = self.k_sink
+        else:
+            self.k[:, :n] = apply_rope(self.k_sink, self.cache.shift_rows(self.k.shape[3], self.k.device))
+        self._shift = shift
+
     def nbytes(self) -> int:
-        return tensor_bytes([self.k, self.v])
+        return tensor_bytes([self.k, self.v, self.k_sink])
 
     def to(self, device: str | torch.device, copy: bool = False) -> None:
         if self.k is not None:
             self.k, self.v = self.k.to(device, copy=copy), self.v.to(device, copy=copy)
+        if self.k_sink is not None:
+            self.k_sink = self.k_sink.to(device, copy=copy)
+
+    def free(self) -> None:
+        self.k = self.v = self.k_sink = None
+        self._shift = 0
 
 
 class LayerKV(SlotKV):
@@ -80,6 +119,10 @@ class LayerKV(SlotKV):
     @property
     def frame_tokens(self) -> int:
         return self.unit
+
+    @property
+    def sink_units(self) -> int:
+        return self.cache.sink if self.cache.relative else 0
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the current block's post-RoPE k and raw v ([B, block tokens, H, D]) in its slots."""
@@ -95,6 +138,9 @@ class LayerKV(SlotKV):
         for slot, j, n in c.runs(start, frames):
             self.k[:, slot * ft:(slot + n) * ft] = k[:, j * ft:(j + n) * ft]
             self.v[:, slot * ft:(slot + n) * ft] = v[:, j * ft:(j + n) * ft]
+            if slot < self.sink_units:
+                self.keep_sink(slot, n)
+        self.place_sink()
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every cached key/value a query of the current block sees (slot order; attention ignores order)."""
@@ -105,32 +151,61 @@ class LayerKV(SlotKV):
 class KVCache:
     """The self-attention K/V of one video, for every layer, in frame-granular slots.
 
-    Frame positions are absolute latent-frame indices counted from the last `reset()` (which is also the
-    RoPE position the pipeline gives a block). `begin(start, frames)` declares the block the next forward
-    writes: either the current block again (another denoising step, or the clean pass) or the block right
-    after it. Each layer's `LayerKV` then writes and reads accordingly.
+    Frames are cache positions counted from the last `reset()` (also the RoPE position the pipeline gives a block).
+    `begin(start, frames)` declares the block the next forward writes: either the current block again (another
+    denoising step, or the clean pass) or the block right after it. Each layer's `LayerKV` then writes and reads
+    accordingly.
 
-    window=None: every frame is kept; the buffers grow to `reserve()`d capacity (reallocated and copied,
-    so reserve a whole fragment at once). window=W: the buffers hold W frames, allocated once; frames
-    [0, sink) are never evicted, the other W - sink slots are a ring over the most recent frames.
+    window=None: every frame is kept; the buffers grow to `reserve()`d capacity (reallocated and copied, so
+    reserve a whole fragment at once). window=W: the buffers hold W frames, allocated once; frames [0, sink) are
+    never evicted, the other W - sink slots are a ring over the most recent frames: evicting moves no memory.
+
+    positions="relative" (with a window): attention sees window-relative temporal positions, the sink just before
+    the window. Keys are cached rotated at their own frame and never touched again (RoPE is relative: q·k depends
+    on the position difference only, so the window attends as if re-indexed from 0); queries are rotated at their
+    frame however far it is (RoPE rows past the table computed from their float64 angles); the sink's keys are
+    re-rotated by `sink_shift` once per block from a copy kept as written. Cost: S sink frames rotated per block
+    and per layer, and their K kept twice. "absolute": the sink keeps its own positions (Self-Forcing), and
+    positions end at RoPE's table.
     """
 
     layer_cls = LayerKV  # the ring cache (parallel/causal.py) brings its own
 
-    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0):
+    def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, positions: str = "relative"):
         if window is not None and (window < 1 or not 0 <= sink < window):
             raise ValueError(f"window = {window}, sink = {sink}: need window >= 1 and 0 <= sink < window")
         if window is None and sink:
             raise ValueError(f"sink = {sink}: a sink only means something with a window (nothing is evicted without)")
+        if positions not in ("relative", "absolute"):
+            raise ValueError(f"positions = {positions!r}: 'relative' or 'absolute'")
         self.window, self.sink = window, sink
+        self.relative = positions == "relative" and window is not None
         self.layers = [self.layer_cls(self) for _ in range(num_layers)]
         self.capacity = window or 0  # frames the buffers hold
+        self._shift_rows: tuple | None = None
         self.reset()
 
     def reset(self) -> None:
         """Forget every frame. Buffers are kept (nothing stale is ever read: reads stop at `held`)."""
         self.end = 0  # frames [0, end) have been written
         self.block: tuple[int, int] | None = None  # (start, frames) of the block being written
+
+    @property
+    def bounded(self) -> bool:
+        """Do positions end at RoPE's table? (Everything but a relative window.)"""
+        return not self.relative
+
+    @property
+    def sink_shift(self) -> int:
+        """Frames the sink is moved forward so it sits just before the window (relative positions; else 0)."""
+        return self.first_frame - self.sink if self.relative and self.sink else 0
+
+    def shift_rows(self, head_dim: int, device) -> torch.Tensor:
+        """The rotation by `sink_shift` frames (made once per block, shared by the layers)."""
+        key = (self.sink_shift, head_dim, str(device))
+        if self._shift_rows is None or self._shift_rows[0] != key:
+            self._shift_rows = (key, time_shift(head_dim, self.sink_shift).to(device))
+        return self._shift_rows[1]
 
     # ---- geometry --------------------------------------------------------------------------------
     @property
@@ -159,6 +234,20 @@ class KVCache:
                 out.append((s, j, 1))
         return out
 
+    def skip_to(self, frame: int) -> None:
+        """Declare frames [end, frame) written without writing them (a restore replays only the frames the cache
+        still depends on): their slots read as zeros, and every block the restore replays sees what it saw the first
+        time once the skipped frames are out of reach (model/causal_session.py). Fresh caches only: nothing but
+        sink frames written so far, so those slots were never written."""
+        if self.block is not None and self.end > self.sink:
+            raise ValueError(f"cache: skip_to on a cache holding frames up to {self.end}; only a fresh cache (sink "
+                             "frames at most) can skip")
+        if frame < self.end:
+            raise ValueError(f"cache: skip_to frame {frame} is before frame {self.end}, already written")
+        self.end, self.block = frame, None
+        if self.window is None:
+            self.capacity = max(self.capacity, self.end)
+
     def reserve(self, frames: int) -> None:
         """Grow an unwindowed cache to hold `frames` frames (a no-op with a window: its size is fixed)."""
         if self.window is None and frames > self.capacity:
@@ -169,7 +258,8 @@ class KVCache:
         if self.block == (start, frames):
             return  # a further denoising step / the clean pass of the same block: overwrite its slots
         if start != self.end:
-            where = f"the current block starts at frame {self.block[0]}" if self.block else "the cache is empty"
+            where = (f"the current block starts at frame {self.block[0]}" if self.block
+                     else f"frames [0, {self.end}) are declared" if self.end else "the cache is empty")
             raise ValueError(f"cache: a block at frame {start} neither rewrites the current block nor follows "
                              f"frame {self.end} ({where}); blocks must come in order")
         if self.window is not None and frames > self.window - self.sink:
@@ -239,29 +329,35 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 # The causal DiT
 # --------------------------------------------------------------------------------------------------
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LayerKV, AttentionKernel], torch.Tensor]
-CacheFactory = Callable[[int, "int | None", int, int], KVCache]  # (layers, window, sink, block frames) -> cache
+CacheFactory = Callable[[int, "int | None", int, int, str], KVCache]  # (layers, window, sink, block frames, positions)
 
 
-def local_cache(num_layers: int, window: int | None, sink: int, block_frames: int) -> KVCache:
+def local_cache(num_layers: int, window: int | None, sink: int, block_frames: int, positions: str) -> KVCache:
     """The one-process cache (also what each Ulysses rank holds: all tokens, its heads)."""
-    return KVCache(num_layers, window, sink)
+    return KVCache(num_layers, window, sink, positions)
 
 
 class CausalDiT:
     """A `WanModel` run block by block over a `KVCache` (inference), or whole under the block-causal mask.
 
     Holds no state of any video: caches belong to the caller (one per session), so one model serves many.
-    block_frames, window, sink: `num_frame_per_block`, `attention_window`, `sink_frames` of the config.
+    block_frames, window, sink, positions: `num_frame_per_block`, `attention_window`, `sink_frames`,
+    `rope_positions` of the config.
     """
 
-    def __init__(self, dit: WanModel, block_frames: int, window: int | None = None, sink: int = 0):
+    def __init__(self, dit: WanModel, block_frames: int, window: int | None = None, sink: int = 0,
+                 positions: str = "relative"):
         if dit.arch.is_i2v:
             raise ValueError("CausVid runs text-to-video DiTs only (LightX2V ships T2V CausVid only); this DiT is i2v")
         if block_frames < 1:
             raise ValueError(f"block_frames = {block_frames}: must be >= 1")
         if window is not None and window < sink + block_frames:
             raise ValueError(f"window = {window}: must hold the sink ({sink}) and a block ({block_frames}) frames")
+        if positions == "relative" and window is not None and sink % block_frames:
+            raise ValueError(f"sink = {sink}: relative positions re-position the sink as whole blocks of "
+                             f"{block_frames} frames")
         self.dit, self.block_frames, self.window, self.sink = dit, block_frames, window, sink
+        self.positions = positions
         self.attend: AttendFn = cache_attention
         self.cache_factory: CacheFactory = local_cache
         self._freqs: tuple | None = None  # (grid, frame offset, device, layout, this rank's freqs) of the last block
@@ -276,20 +372,20 @@ class CausalDiT:
         return self
 
     def new_cache(self) -> KVCache:
-        return self.cache_factory(self.arch.num_layers, self.window, self.sink, self.block_frames)
+        return self.cache_factory(self.arch.num_layers, self.window, self.sink, self.block_frames, self.positions)
 
     def context_kv(self, context: torch.Tensor) -> list:
         """Per-layer cross-attention K/V of a text context [B, <=text_len, text_dim]: the per-prompt cache."""
         return self.dit.context_kv(self.dit.embed_context(context, None))
 
     def _rope(self, grid, frame_offset: int, device) -> torch.Tensor:
-        """This rank's RoPE rows of a block: the whole block's rotations at its absolute frame offset, sharded like
-        the tokens (every rank rotates its tokens with their global positions). The steps of one block share it
-        (LightX2V caches it per chunk too)."""
+        """This rank's RoPE rows of a block: the whole block's rotations at its frame offset (past the table too: the
+        caller has checked a bounded cache's end), sharded like the tokens (every rank rotates its tokens with their
+        global positions). The steps of one block share it (LightX2V caches it per chunk too)."""
         layout = self.dit.layout
         key, cached = (grid, frame_offset, device, layout), self._freqs
         if cached is None or cached[0] != key:
-            freqs = rope_freqs(self.dit.rope_tables(), grid, frame_offset).to(device)
+            freqs = rope_freqs(self.dit.rope_tables(), grid, frame_offset, unbounded=True).to(device)
             cached = (key, layout.shard(freqs[None])[0])
             self._freqs = cached
         return cached[1]
@@ -311,9 +407,9 @@ class CausalDiT:
         if x.dim() != 5:
             raise ValueError(f"block latents must be [B, C, f, H, W]; got {tuple(x.shape)}")
         f = x.shape[2]
-        if frame_start < 0 or frame_start + f > ROPE_MAX_POSITIONS:
+        if frame_start < 0 or (cache.bounded and frame_start + f > ROPE_MAX_POSITIONS):
             raise ValueError(f"block at latent frames [{frame_start}, {frame_start + f}): RoPE covers frames "
-                             f"[0, {ROPE_MAX_POSITIONS}) only")
+                             f"[0, {ROPE_MAX_POSITIONS}) only (without a window, or with absolute positions)")
         tokens, grid = dit.patchify(x)
         length = tokens.shape[1]
         freqs = self._rope(grid, frame_start, tokens.device)

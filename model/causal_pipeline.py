@@ -64,7 +64,7 @@ class CausVidPipeline:
         self.denoise_only = text_encoder is None and vae is None
         self.device = torch.device(device)
         self.arch = dit.arch
-        self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames)
+        self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames, cfg.rope_positions)
         if cfg.compile:  # the cache attention stays out of the compiled blocks (model/compile.py says why)
             keep_attention_eager(dit, self.causal)
         self.sampler = make_sampler(cfg)
@@ -97,11 +97,13 @@ class CausVidPipeline:
     def check_length(self, fragments: int) -> None:
         """Refuse a run of `fragments` fragments whose RoPE positions would pass the table's end."""
         cfg = self.cfg
-        if cfg.fragment_continuation == "cache" and fragments * cfg.num_frames > ROPE_MAX_POSITIONS:
+        unbounded = cfg.attention_window is not None and cfg.rope_positions == "relative"
+        if cfg.fragment_continuation == "cache" and not unbounded and fragments * cfg.num_frames > ROPE_MAX_POSITIONS:
             raise RequestError(f"num_fragments = {fragments}: {fragments * cfg.num_frames} latent frames, beyond "
                                f"RoPE's {ROPE_MAX_POSITIONS} positions (at most "
                                f"{ROPE_MAX_POSITIONS // cfg.num_frames} fragments of {cfg.num_frames} frames with "
-                               "fragment_continuation = 'cache')")
+                               "fragment_continuation = 'cache' and no window; a window with rope_positions = "
+                               "'relative' has no end)")
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -117,16 +119,19 @@ class CausVidPipeline:
         cfg, arch, s = self.cfg, self.arch, self.sampler
         return {"num_frame_per_block": cfg.num_frame_per_block, "num_blocks": cfg.num_blocks,
                 "attention_window": cfg.attention_window, "sink_frames": cfg.sink_frames,
-                "fragment_continuation": cfg.fragment_continuation, "timesteps": s.timesteps.tolist(),
+                "fragment_continuation": cfg.fragment_continuation, "rope_positions": cfg.rope_positions,
+                "prompt_switch": cfg.prompt_switch, "timesteps": s.timesteps.tolist(),
                 "sigmas": s.sigmas.tolist(), "renoise": s.renoise,
                 "arch": {"dim": arch.dim, "num_layers": arch.num_layers, "num_heads": arch.num_heads,
                          "out_dim": arch.out_dim, "text_len": arch.text_len}}
 
     # ---- sessions and one-call generation ----------------------------------------------------------
     def start_session(self, prompt: str, seed: int | None = None, height: int | None = None,
-                      width: int | None = None) -> "CausalSession":
+                      width: int | None = None, history: bool = False) -> "CausalSession":
+        """history=True keeps the whole video (latents(), video(), save()); a server's session keeps only what
+        its next fragment and a restore need (model/causal_session.py)."""
         seed, height, width = self.check_request(seed, height, width)
-        return CausalSession(self, check_prompt(prompt, self.cfg.max_prompt_chars), seed, height, width)
+        return CausalSession(self, check_prompt(prompt, self.cfg.max_prompt_chars), seed, height, width, history)
 
     def restore_session(self, state: dict[str, Any], progress: ProgressFn | None = None) -> "CausalSession":
         return CausalSession.restore(self, state, progress)
@@ -140,7 +145,7 @@ class CausVidPipeline:
             raise RequestError(f"num_fragments = {n!r}: must be an integer >= 1")
         self.check_length(n)
         t0 = time.perf_counter()
-        session = self.start_session(prompt, seed, height, width)
+        session = self.start_session(prompt, seed, height, width, history=True)
         videos, timings = [], {}
         for _ in range(n):
             videos.append(session.next_fragment(progress=progress, cancel=cancel, on_block=on_block))

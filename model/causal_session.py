@@ -1,8 +1,11 @@
-"""A CausVid session: one growing video's caches, its blocks so far and the generators of the blocks to come.
+"""A CausVid session: one growing video's caches, what a restore needs, and the generators of the blocks to come.
 
 Kept apart from the pipeline because it is the state a server holds between calls: it can be cancelled
 mid-fragment and resumed, moved to CPU while idle, and saved as a small state (`state_dict`) from which
-`restore` rebuilds it bit for bit (caches re-run, not stored). What is reproduced and how: ARCHITECTURE.md.
+`restore` rebuilds it bit for bit. A session's memory stays flat however long the video grows: decoded frames
+leave with their fragment (the server writes them to disk), and latents stay only as far as the cache and the
+streaming decoder still depend on them, which also bounds what a restore replays. What is reproduced and how:
+ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from .causal import ROPE_MAX_POSITIONS, tensor_bytes
 from .pipeline import CancelFn, Cancelled, Progress, ProgressFn, RequestError, StageTimer, check_prompt
 from .video import to_uint8, write_mp4
 
-STATE_FORMAT = "wanserve.causvid.session/1"
+STATE_FORMAT = "wanserve.causvid.session/2"
 
 
 @dataclass
@@ -37,16 +40,24 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+Op = tuple[int, int, int]  # a clean pass the cache holds: (session block, cache frame, prompt index)
+
+
 class CausalSession:
-    """One growing video: its caches, its blocks so far, and the generators of the blocks to come.
+    """One growing video: its caches, what a restore needs, and the generators of the blocks to come.
 
     Made by `CausVidPipeline.start_session` / `restore_session`. Sessions share the pipeline's model and
     nothing else, so any number can be open; the pipeline runs one call at a time (one thread).
+
+    history=False (a server's session): the decoded frames of a fragment are kept until the next fragment starts
+    (the caller has written them out by then), latents only as far as a restore needs. history=True (a script's
+    bounded video): every block's latents and frames stay, for `latents()`, `video()` and `save()`.
     """
 
-    def __init__(self, pipe, prompt: str, seed: int, height: int, width: int):
+    def __init__(self, pipe, prompt: str, seed: int, height: int, width: int, history: bool = False):
         self.pipe = pipe  # the CausVidPipeline (model/causal_pipeline.py) that made it
         self.seed, self.height, self.width = seed, height, width
+        self.history = history
         self.block_frames = pipe.cfg.num_frame_per_block
         self.device = pipe.device  # where the caches live (see to())
         self.prompt = prompt
@@ -56,20 +67,24 @@ class CausalSession:
         self._noise_gen = torch.Generator("cpu").manual_seed(seed)  # block noise
         self._step_gen = torch.Generator("cpu").manual_seed(seed + 1)  # fresh-noise re-noising
         self._prompts = [prompt]  # every prompt used, in order of first use
-        self._block_prompt: list[int] = []  # per finished block: index into _prompts
-        self._anchor_prompt: int | None = None  # "last_block": prompt of the current fragment's re-anchor pass
-        self._latents: list[torch.Tensor] = []  # per finished block: clean latents [z, f, h, w], CPU float32
-        self._frames: list[np.ndarray] = []  # per finished block: decoded frames uint8 [T, H, W, 3] (decoding ranks)
+        self._ops: list[Op] = []  # the clean passes in the cache since its last reset, oldest first, as far as it
+        #                           still depends on them (`_prune`)
+        self._latents: dict[int, torch.Tensor] = {}  # session block -> clean latents [z, f, h, w], CPU float32
+        self._frames: list[np.ndarray] = []  # decoded frames uint8 [T, H, W, 3] of blocks _frames_first.. (rank 0)
+        self._frames_first = 0
+        self._blocks = 0  # finished blocks
+        self._fragment_first = 0  # first block of the fragment being made / last made
+        self._recache = False  # a new prompt waits for its re-cache (prompt_switch = "recache")
         self.fragments = 0  # finished fragments
         self._partial = 0  # finished blocks of an interrupted fragment
-        self._pos = 0  # RoPE frame of the next block
+        self._pos = 0  # cache frame (RoPE position) of the next block
         self.nfe = 0  # DiT forwards so far
         self.timings: dict[str, float] = {}  # of the last next_fragment call
 
     # ---- what the session holds ------------------------------------------------------------------
     @property
     def blocks(self) -> int:
-        return len(self._latents)
+        return self._blocks
 
     @property
     def partial_blocks(self) -> int:
@@ -84,23 +99,43 @@ class CausalSession:
     def frames(self) -> int:
         """Video frames so far: 1 + 4·(latent frames − 1) once there is a block (the streaming decoder's count;
         also right on ranks that decode nothing)."""
-        return 1 + 4 * (self.latent_frames - 1) if self._latents else 0
+        return 1 + 4 * (self.latent_frames - 1) if self._blocks else 0
+
+    @property
+    def fragment_first_block(self) -> int:
+        """Session index of the first block of the fragment being made, or of the last one finished."""
+        return self._fragment_first
+
+    def _whole(self, what: str) -> None:
+        if not self.history:
+            raise RuntimeError(f"session.{what}: this session keeps no history (history=False: a server's session "
+                               "keeps only what its next fragment and a restore need); start it with history=True, "
+                               "or collect blocks with on_block")
 
     def latents(self) -> torch.Tensor:
-        """[z, latent frames, h, w] float32, CPU."""
+        """[z, latent frames, h, w] float32, CPU: the whole video's latents (history=True)."""
+        self._whole("latents()")
         z, h, w = self.pipe.arch.out_dim, self.height // 8, self.width // 8
-        return torch.cat(self._latents, dim=1) if self._latents else torch.zeros(z, 0, h, w)
+        blocks = [self._latents[b] for b in sorted(self._latents)]
+        return torch.cat(blocks, dim=1) if blocks else torch.zeros(z, 0, h, w)
 
     def video(self) -> np.ndarray:
-        """Every frame so far, uint8 [T, H, W, 3] (kept as uint8: a quarter of float32, and what mp4 takes)."""
+        """Every frame so far, uint8 [T, H, W, 3] (history=True; kept as uint8: a quarter of float32, and what mp4
+        takes)."""
+        self._whole("video()")
         if not self._frames:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         return np.concatenate(self._frames)
 
     def decoded_blocks(self, start: int = 0, end: int | None = None) -> list[np.ndarray]:
-        """Decoded frames of blocks [start, end) (session block indices), uint8 [T, H, W, 3] each. Safe to call
-        from another thread while a fragment is generated: it sees the blocks finished so far."""
-        return list(self._frames[start:end])
+        """Decoded frames of blocks [start, end) (session block indices) of the current fragment (all of them with
+        history=True), uint8 [T, H, W, 3] each. Safe to call from another thread while a fragment is generated:
+        it sees the blocks finished so far."""
+        first = self._frames_first
+        if start < first:
+            raise RequestError(f"block {start} has left the session's memory (it keeps blocks {first} on; history="
+                               "False)")
+        return list(self._frames[start - first:None if end is None else end - first])
 
     def save(self, path: str | Path) -> Path:
         return write_mp4(path, self.video(), fps=self.pipe.cfg.fps)
@@ -113,7 +148,7 @@ class CausalSession:
         """Everything the session holds: caches and decoder state (on `self.device`), latents and frames (CPU)."""
         return {"kv_cache": self.cache.nbytes(), "cross_attention": tensor_bytes(self._ctx_kv),
                 "decoder": tensor_bytes(self._decoder.feat_cache) if self._decoder is not None else 0,
-                "latents": tensor_bytes(self._latents), "video": sum(f.nbytes for f in self._frames)}
+                "latents": tensor_bytes(list(self._latents.values())), "video": sum(f.nbytes for f in self._frames)}
 
     def to(self, device: str | torch.device, copy: bool = False) -> "CausalSession":
         """Move the caches and the decoder state (an idle session can wait in CPU memory); bit-exact.
@@ -134,7 +169,7 @@ class CausalSession:
         """Free the caches, the decoder state and the frames now (a closed session): the caches hold reference
         cycles (cache <-> layers), so dropping the session alone would leave them to the cyclic collector."""
         for layer in self.cache.layers:
-            layer.k = layer.v = None
+            layer.free()
         self.cache.reset()
         self._ctx_kv = None
         if self._decoder is not None:
@@ -143,13 +178,15 @@ class CausalSession:
 
     # ---- prompts -------------------------------------------------------------------------------------
     def set_prompt(self, prompt: str) -> None:
-        """Use `prompt` from the next block on: the cross-attention cache is recomputed, the K/V cache kept."""
+        """Use `prompt` from the next block on: the cross-attention cache is recomputed; with prompt_switch =
+        "recache" (default) the frames the next block sees are re-cached under it first (`_recache_now`)."""
         prompt = check_prompt(prompt, self.pipe.cfg.max_prompt_chars)
         if prompt != self.prompt:
             self.prompt = prompt
             self._ctx_kv = None
             if prompt not in self._prompts:
                 self._prompts.append(prompt)
+            self._recache = self.pipe.cfg.prompt_switch == "recache" and bool(self._ops)
 
     def _context(self, progress: ProgressFn | None) -> list:
         if self._ctx_kv is None:
@@ -175,14 +212,21 @@ class CausalSession:
         fragment, bf = self.fragments, self.block_frames
         todo = pipe.fragment_blocks(fragment) - self._partial
         anchor = fragment > 0 and self._partial == 0 and pipe.cfg.fragment_continuation == "last_block"
-        first = bf if anchor else self._pos
-        if first + todo * bf > ROPE_MAX_POSITIONS:
+        recache = self._recache_plan() if self._recache and not anchor else None
+        first = bf if anchor else (len(recache) * bf if recache is not None else self._pos)
+        if self.cache.bounded and first + todo * bf > ROPE_MAX_POSITIONS:
             raise RequestError(f"this session is at latent frame {first}; fragment {fragment + 1} would need frames up "
                                f"to {first + todo * bf}, beyond RoPE's {ROPE_MAX_POSITIONS} positions (Wan's RoPE "
-                               "table). Start a new session, or run with fragment_continuation = 'last_block'")
+                               "table). Start a new session, or run with attention_window and rope_positions = "
+                               "'relative' (no end), or fragment_continuation = 'last_block'")
+        if self._partial == 0:
+            self._fragment_first = self._blocks
+            if not self.history:  # the previous fragment's frames have been handed out
+                self._frames.clear()
+                self._frames_first = self._blocks
         timer = StageTimer(pipe.device)
         t0 = time.perf_counter()
-        total = todo * (len(pipe.sampler) + 1) + anchor
+        total = todo * (len(pipe.sampler) + 1) + anchor + (len(recache) if recache else 0)
         counter = [0, total]
         with timer("text"):
             ctx_kv = self._context(progress)
@@ -192,6 +236,12 @@ class CausalSession:
             with timer("dit"):
                 self._anchor(ctx_kv)
             self._count(counter, progress)
+        self._recache = False
+        if recache:
+            t1 = time.perf_counter()
+            with timer("dit"):
+                self._replay(recache, ctx_kv, counter, progress)
+            timer.timings["recache"] = time.perf_counter() - t1
         self.cache.reserve(self._pos + todo * bf)
         outs = []
         for j in range(todo):
@@ -249,28 +299,87 @@ class CausalSession:
     def _anchor(self, ctx_kv: list) -> None:
         """"last_block": restart the cache from the previous fragment's last block, clean, at frame 0."""
         self.cache.reset()
-        last = self._latents[-1][None].to(self.pipe.device)
-        self.pipe.causal.forward_block(last, torch.zeros(1), 0, self.cache, ctx_kv, output=False)
-        self._anchor_prompt = self._prompts.index(self.prompt)
+        last = self._blocks - 1
+        self.pipe.causal.forward_block(self._latents[last][None].to(self.pipe.device), torch.zeros(1), 0, self.cache,
+                                       ctx_kv, output=False)
+        self._ops = [(last, 0, self._prompts.index(self.prompt))]
         self._pos = self.block_frames
+
+    def _recache_plan(self) -> list[int]:
+        """Blocks whose frames the next block sees (sink and window; every block without a window), oldest first."""
+        w, sink, bf = self.cache.window, self.cache.sink, self.block_frames
+        if w is None:
+            return [b for b, _, _ in self._ops]
+        lo = self._pos + bf - (w - sink)  # the next block's first visible frame outside the sink
+        return [b for b, frame, _ in self._ops if frame < sink or frame + bf > lo]
+
+    def _replay(self, blocks: list[int], ctx_kv: list, counter: list[int], progress: ProgressFn | None) -> None:
+        """LongLive's re-cache at a prompt switch: a fresh cache primed with the clean latents of `blocks` under the
+        current prompt (exactly a new session primed with them), so the old prompt leaves the self-attention K/V
+        too; positions restart at 0 (relative positions: the same attention)."""
+        self.cache.reset()
+        self._ops, self._pos = [], 0
+        p = self._prompts.index(self.prompt)
+        for b in blocks:
+            self.pipe.causal.forward_block(self._latents[b][None].to(self.pipe.device), torch.zeros(1), self._pos,
+                                           self.cache, ctx_kv, output=False)
+            self._ops.append((b, self._pos, p))
+            self._pos += self.block_frames
+            self._count(counter, progress)
 
     def _keep_block(self, fragment: int, latents: torch.Tensor, video: torch.Tensor | None) -> BlockOutput:
         out = BlockOutput(fragment, self.blocks, self.latent_frames, self.frames, video, latents)
-        self._latents.append(latents)
+        self._latents[self._blocks] = latents
+        self._ops.append((self._blocks, self._pos, self._prompts.index(self.prompt)))
         if video is not None:
             self._frames.append(to_uint8(video))
-        self._block_prompt.append(self._prompts.index(self.prompt))
+        self._blocks += 1
         self._pos += self.block_frames
         self._partial += 1
+        self._prune()
         return out
+
+    # ---- what a restore needs ----------------------------------------------------------------------
+    def replay_horizon(self) -> int | None:
+        """Cache frames back from the cache's end that its content still depends on (None: all, no window).
+
+        A block's layer-l K/V depend on the layer-(l-1) K/V of the frames it saw, one window (W - S frames) back,
+        and layer 0 on its own latents only: so after num_layers windows (and a block) the frames before are
+        out of reach, except the sink, which every block sees and which depends on itself only. Replaying the
+        clean passes of the frames in reach, into a fresh cache whose skipped slots are zeros, gives back the
+        cache bit for bit (tested)."""
+        c = self.cache
+        if c.window is None:
+            return None
+        return self.pipe.arch.num_layers * (c.window - c.sink) + self.block_frames
+
+    def _decoder_blocks(self) -> int:
+        """Latest blocks the streaming decoder's state depends on (its history, in whole blocks; at least the last
+        block, which "last_block" re-anchors on)."""
+        frames = self._decoder.history_frames if self._decoder is not None else 1
+        return max(1, -(-frames // self.block_frames))
+
+    def _prune(self) -> None:
+        if self.history:
+            return
+        horizon = self.replay_horizon()
+        if horizon is not None:
+            lo, sink = self.cache.end - horizon, self.cache.sink
+            self._ops = [op for op in self._ops if op[1] < sink or op[1] >= lo]
+        keep = {b for b, _, _ in self._ops} | set(range(self._blocks - self._decoder_blocks(), self._blocks))
+        for b in [b for b in self._latents if b not in keep]:
+            del self._latents[b]
 
     # ---- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What `restore` needs (CPU tensors and plain values; torch.save-able). No caches: they are rebuilt."""
+        """What `restore` needs (CPU tensors and plain values; torch.save-able; bounded by the window, not by the
+        video's length). No caches: they are rebuilt."""
         return {"format": STATE_FORMAT, "config": self.pipe.state_config(), "seed": self.seed,
                 "height": self.height, "width": self.width, "prompt": self.prompt, "prompts": list(self._prompts),
-                "block_prompt": list(self._block_prompt), "anchor_prompt": self._anchor_prompt,
-                "fragments": self.fragments, "partial": self._partial, "latents": self.latents().clone(),
+                "ops": [list(op) for op in self._ops], "blocks": self._blocks, "pos": self._pos,
+                "recache": self._recache, "fragments": self.fragments, "partial": self._partial,
+                "latents": {b: t.clone() for b, t in self._latents.items()},
+                "decoder_blocks": self._decoder_blocks(),
                 "noise_rng": self._noise_gen.get_state(), "step_rng": self._step_gen.get_state()}
 
     @classmethod
@@ -281,8 +390,8 @@ class CausalSession:
         replay, so a bad state is refused everywhere alike and the group stays usable."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a CausVid session state (format {STATE_FORMAT!r} expected)")
-        missing = sorted({"config", "seed", "height", "width", "prompt", "prompts", "block_prompt", "anchor_prompt",
-                          "fragments", "partial", "latents", "noise_rng", "step_rng"} - set(state))
+        missing = sorted({"config", "seed", "height", "width", "prompt", "prompts", "ops", "blocks", "pos", "recache",
+                          "fragments", "partial", "latents", "decoder_blocks", "noise_rng", "step_rng"} - set(state))
         if missing:
             raise ValueError(f"session state lacks {', '.join(missing)}")
         want = pipe.state_config()
@@ -292,65 +401,72 @@ class CausalSession:
                              "it cannot be reproduced here")
         seed, height, width = pipe.check_request(int(state["seed"]), int(state["height"]), int(state["width"]))
         check_prompt(state["prompt"], pipe.cfg.max_prompt_chars)
-        n = len(state["block_prompt"])
-        shape = (pipe.arch.out_dim, n * pipe.cfg.num_frame_per_block, height // 8, width // 8)
-        lat = state["latents"]
-        if not isinstance(lat, torch.Tensor) or tuple(lat.shape) != shape:
-            got = tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__
-            raise ValueError(f"session state latents {got} do not match its {n} blocks at {height}x{width}: "
-                             f"expected {shape}")
-        if any(not 0 <= p < len(state["prompts"]) for p in state["block_prompt"]):
-            raise ValueError("session state: a block refers to a prompt it does not list")
+        shape = (pipe.arch.out_dim, pipe.cfg.num_frame_per_block, height // 8, width // 8)
+        lat, blocks = state["latents"], int(state["blocks"])
+        if not isinstance(lat, dict) or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != shape
+                                            or not 0 <= b < blocks for b, t in lat.items()):
+            raise ValueError(f"session state latents do not match its {blocks} blocks at {height}x{width}: "
+                             f"one {shape} tensor per kept block expected")
+        for b, frame, p in state["ops"]:
+            if b not in lat or not 0 <= p < len(state["prompts"]) or frame < 0:
+                raise ValueError("session state: a cached block has no latents, or refers to a prompt it does not "
+                                 "list")
+        tail = range(max(0, blocks - int(state["decoder_blocks"])), blocks)
+        if any(b not in lat for b in tail):
+            raise ValueError("session state lacks the latest blocks' latents its decoder needs")
         return seed, height, width
 
     @classmethod
     @torch.no_grad()
-    def restore(cls, pipe, state: dict[str, Any],
-                progress: ProgressFn | None = None) -> "CausalSession":
-        """Rebuild a session from `state_dict()` (what is reproduced, and at what cost: ARCHITECTURE.md, CausVid)."""
+    def restore(cls, pipe, state: dict[str, Any], progress: ProgressFn | None = None,
+                history: bool = False) -> "CausalSession":
+        """Rebuild a session from `state_dict()`: the streaming decoder from its latest blocks, the cache by
+        replaying the clean passes it still depends on (`replay_horizon`). Both are bounded by the window, not by
+        the video's length; the next fragment equals the uninterrupted one bit for bit. The video so far is not
+        decoded again: it was handed out fragment by fragment (the server keeps it on disk)."""
         seed, height, width = cls.check_state(pipe, state)
-        s = cls(pipe, state["prompt"], seed, height, width)
-        lat = state["latents"]
-        n = len(state["block_prompt"])
-        s._prompts, s._block_prompt = list(state["prompts"]), list(state["block_prompt"])
-        s._anchor_prompt = state["anchor_prompt"]
+        s = cls(pipe, state["prompt"], seed, height, width, history=history)
+        s._prompts = list(state["prompts"])
+        s._ops = [tuple(int(x) for x in op) for op in state["ops"]]
+        s._latents = {int(b): t.float().clone() for b, t in state["latents"].items()}
+        s._blocks, s._pos, s._recache = int(state["blocks"]), int(state["pos"]), bool(state["recache"])
         s.fragments, s._partial = int(state["fragments"]), int(state["partial"])
+        s._frames_first = s._blocks
+        s._fragment_first = s._blocks - s._partial
         s._noise_gen.set_state(state["noise_rng"])
         s._step_gen.set_state(state["step_rng"])
-        for b, block in enumerate(lat.float().split(s.block_frames, dim=1)):
-            s._latents.append(block.clone())
-            if s._decoder is not None:
-                s._frames.append(to_uint8(s._decoder.decode(block[None].to(pipe.device))[0]))
-                if progress:
-                    progress(Progress("vae", b + 1, n))
+        if s._decoder is not None and s._blocks:
+            first = max(0, s._blocks - int(state["decoder_blocks"]))
+            tail = torch.cat([s._latents[b] for b in range(first, s._blocks)], dim=1)
+            s._decoder.resume(tail[None].to(pipe.device), first * s.block_frames)
+            if progress:
+                progress(Progress("vae", 1, 1))
         s._rebuild_cache(progress)
         return s
 
     def _rebuild_cache(self, progress: ProgressFn | None = None) -> None:
-        """Re-run the clean pass of every block the cache depends on, in order (exactly as they first ran)."""
-        bf, causal = self.block_frames, self.pipe.causal
-        if self.pipe.cfg.fragment_continuation == "cache":
-            plan = [(b, b * bf, self._block_prompt[b]) for b in range(self.blocks)]
-            self._pos = self.blocks * bf
-        elif self._partial == 0:  # at a fragment boundary the next fragment re-anchors anyway
-            plan, self._pos = [], 0
-        else:
-            first = self.blocks - self._partial
-            base = bf if self.fragments > 0 else 0
-            plan = [(first - 1, 0, self._anchor_prompt)] if self.fragments > 0 else []
-            plan += [(first + j, base + j * bf, self._block_prompt[first + j]) for j in range(self._partial)]
-            self._pos = base + self._partial * bf
+        """Re-run the clean passes the cache holds (`_ops`), in order, each under its own prompt, exactly as they
+        first ran; frames pruned before them are skipped (`KVCache.skip_to`). Nothing at a "last_block" fragment
+        boundary: the next fragment re-anchors anyway."""
+        causal = self.pipe.causal
+        last_block_boundary = self.pipe.cfg.fragment_continuation == "last_block" and self._partial == 0
+        plan = [] if last_block_boundary else self._ops
         self.cache.reset()
         self.cache.reserve(self._pos)
         contexts: dict[int, list] = {}
-        for i, (b, pos, p) in enumerate(plan):
+        for i, (b, frame, p) in enumerate(plan):
             if p not in contexts:
                 contexts[p] = causal.context_kv(self.pipe.encode_prompt(self._prompts[p]))
-            causal.forward_block(self._latents[b][None].to(self.pipe.device), torch.zeros(1), pos, self.cache,
+            if frame > self.cache.end:
+                self.cache.skip_to(frame)
+            causal.forward_block(self._latents[b][None].to(self.pipe.device), torch.zeros(1), frame, self.cache,
                                  contexts[p], output=False)
             self.nfe += 1
             if progress:
                 progress(Progress("dit", i + 1, len(plan)))
+        if plan and self._pos > self.cache.end:
+            raise ValueError(f"session state: its cache ends at frame {self.cache.end}, the next block is at "
+                             f"{self._pos}")
         self._ctx_kv = contexts.get(self._prompts.index(self.prompt))
 
     def __repr__(self) -> str:

@@ -138,6 +138,15 @@ class RunConfig(BaseModel):
     # wanserve: how fragment k+1 continues fragment k (model/causal.py): "cache" keeps the session's K/V cache
     # (positions keep counting); "last_block" restarts it from the previous fragment's last block (LightX2V).
     fragment_continuation: Literal["cache", "last_block"] = "cache"
+    # wanserve, the long-video cache policy (model/causal.py; the student of training/ is trained under it):
+    # "relative": a windowed cache attends with window-relative temporal positions, the sink re-positioned just
+    # before the window, so a session never runs out of RoPE positions; "absolute": every frame keeps its absolute
+    # position (Self-Forcing's inference; a session ends at RoPE's 1,024 latent frames). Without a window both are
+    # the same (nothing is evicted, positions count up to 1,024).
+    rope_positions: Literal["relative", "absolute"] = "relative"
+    # what a new prompt does to a session's cache: "recache" re-runs the clean pass of the frames the next block
+    # sees under the new prompt (LongLive); "keep" keeps their K/V and swaps only the cross-attention
+    prompt_switch: Literal["recache", "keep"] = "recache"
     # attention kernels by LightX2V's keys (model/kernels.py); a kernel that cannot run here fails the load
     self_attn_1_type: str = DEFAULT_KERNEL
     cross_attn_1_type: str = DEFAULT_KERNEL
@@ -230,6 +239,10 @@ class RunConfig(BaseModel):
                 raise ValueError(f"attention_window = {self.attention_window}: must hold the sink and the block being "
                                  f"generated, i.e. >= sink_frames + num_frame_per_block "
                                  f"({self.sink_frames} + {self.num_frame_per_block})")
+            if self.sink_frames % self.num_frame_per_block and self.rope_positions == "relative":
+                raise ValueError(f"sink_frames = {self.sink_frames}: with rope_positions = 'relative' the sink is re-"
+                                 f"positioned as whole blocks, so it must be a multiple of num_frame_per_block "
+                                 f"({self.num_frame_per_block}); or use rope_positions = 'absolute'")
         return self
 
     def _check_weights(self, mc: registry.ModelClass) -> None:

@@ -103,31 +103,58 @@ def rope_table(head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return tuple(_cos_sin(rope_params(ROPE_MAX_POSITIONS, d)) for d in (head_dim - 2 * hw, hw, hw))
 
 
-def rope_freqs(tables, grid: tuple[int, int, int], frame_offset: int = 0) -> torch.Tensor:
+def rope_freqs(tables, grid: tuple[int, int, int], frame_offset: int = 0, unbounded: bool = False) -> torch.Tensor:
     """fp32 [f*h*w, 2, head_dim] rotations (cos row, signed-sin row) of a (f, h, w) grid's tokens, row-major.
 
-    frame_offset: absolute index of the first latent frame (CausVid blocks continue the video).
+    frame_offset: absolute index of the first latent frame (CausVid blocks continue the video). unbounded: temporal
+    rows past the table are computed from their float64 angles (identical to the table's rows inside it), for the
+    CausVid window whose attention only sees position differences (model/causal.py).
     """
     f, h, w = grid
-    if frame_offset + f > ROPE_MAX_POSITIONS or h > ROPE_MAX_POSITIONS or w > ROPE_MAX_POSITIONS:
+    ft, fh, fw = tables
+    if h > ROPE_MAX_POSITIONS or w > ROPE_MAX_POSITIONS or (frame_offset + f > ROPE_MAX_POSITIONS and not unbounded):
         raise ValueError(f"RoPE covers {ROPE_MAX_POSITIONS} positions per axis; grid {grid} at frame "
                          f"{frame_offset} is beyond it")
-    ft, fh, fw = tables
+    if frame_offset < 0:
+        raise ValueError(f"frame_offset = {frame_offset}: must be >= 0")
+    if frame_offset + f <= ft.shape[0]:
+        time = ft[frame_offset:frame_offset + f]
+    else:
+        time = time_rotation(torch.arange(frame_offset, frame_offset + f, dtype=torch.float64), ft.shape[-1])
     return torch.cat([
-        ft[frame_offset:frame_offset + f].view(f, 1, 1, 2, -1).expand(f, h, w, 2, -1),
+        time.view(f, 1, 1, 2, -1).expand(f, h, w, 2, -1),
         fh[:h].view(1, h, 1, 2, -1).expand(f, h, w, 2, -1),
         fw[:w].view(1, 1, w, 2, -1).expand(f, h, w, 2, -1),
     ], dim=-1).reshape(f * h * w, 2, -1)
 
 
+def time_rotation(positions: torch.Tensor, time_channels: int) -> torch.Tensor:
+    """fp32 [P, 2, time_channels] temporal rotation rows at float64 `positions` (any value, also past the table or
+    negative): the same angles `rope_params` gives, so the same rows where the table has them."""
+    inv = 1.0 / torch.pow(10000.0, torch.arange(0, time_channels, 2, dtype=torch.float64).div(time_channels))
+    return _cos_sin(torch.outer(positions.to(torch.float64), inv))
+
+
+def time_shift(head_dim: int, shift: int) -> torch.Tensor:
+    """fp32 [1, 2, head_dim]: the rotation that moves a rotated key `shift` latent frames later in time and nowhere
+    in space (apply_rope broadcasts it over every token). RoPE rotations compose, so a key rotated at frame p and
+    then shifted is the key rotated at p + shift, up to one fp32 rounding."""
+    t = head_dim - 4 * (head_dim // 6)
+    time = time_rotation(torch.tensor([float(shift)]), t)
+    space = torch.zeros(1, 2, head_dim - t)
+    space[:, 0] = 1.0  # cos 0, sin 0: the spatial channels stay
+    return torch.cat([time, space], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] by freqs [L, 2, D] (rope_freqs), in fp32.
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, H, D] by freqs [L, 2, D] (rope_freqs; or [1, 2, D], one
+    rotation for every token: time_shift), in fp32.
 
     out = x * cos + swap(x) * signed sin, the swapped term added in place on the pair views (no copy of x).
     """
-    s, d = x.shape[1], x.shape[3]
+    d = x.shape[3]
     xf = x.float()
-    cos, sin = freqs.view(1, s, 2, 1, d).unbind(2)
+    cos, sin = freqs.reshape(1, freqs.shape[0], 2, 1, d).unbind(2)  # [L | 1, 2, D]: per token, or one for all
     out = xf * cos
     o, xp, sp = (t.unflatten(-1, (d // 2, 2)) for t in (out, xf, sin))
     o[..., 0].addcmul_(xp[..., 1], sp[..., 0])

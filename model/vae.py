@@ -8,7 +8,8 @@ Chunking, tiling and the one-thread-per-`WanVAE` rule: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -34,17 +35,17 @@ def vae_config(arch: VaeArch) -> dict[str, Any]:
             f"vae dim_mult = {arch.dim_mult}, temporal_downsample = {arch.temporal_downsample}: compress "
             f"{time}x in time and {space}x in space; wanserve (and diffusers' 4-frame encode chunks) need "
             f"{VAE_TIME_STRIDE}x and {VAE_SPACE_STRIDE}x: 4 stages, 2 of them temporal")
-    return dict(
-        base_dim=arch.base_dim,
-        z_dim=arch.z_dim,
-        dim_mult=list(arch.dim_mult),
-        num_res_blocks=arch.num_res_blocks,
-        attn_scales=[],
-        temperal_downsample=list(arch.temporal_downsample),  # diffusers' spelling
-        dropout=0.0,
-        latents_mean=list(arch.latents_mean),
-        latents_std=list(arch.latents_std),
-    )
+    return {
+        "base_dim": arch.base_dim,
+        "z_dim": arch.z_dim,
+        "dim_mult": list(arch.dim_mult),
+        "num_res_blocks": arch.num_res_blocks,
+        "attn_scales": [],
+        "temperal_downsample": list(arch.temporal_downsample),  # diffusers' spelling
+        "dropout": 0.0,
+        "latents_mean": list(arch.latents_mean),
+        "latents_std": list(arch.latents_std),
+    }
 
 
 # diffusers config keys that select structures other than Wan2.1's (Wan2.2's VAE), with the Wan2.1 value.
@@ -161,7 +162,7 @@ class WanVAE:
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
     def build(cls, arch: VaeArch, sd: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", source: str = "") -> "WanVAE":
+              device: str | torch.device = "cpu", source: str = "") -> WanVAE:
         """The VAE holding exactly sd (official or diffusers names), strict, cast to dtype.
 
         Built on the meta device and the tensors assigned, so the weights are in memory once.
@@ -181,7 +182,7 @@ class WanVAE:
 
     @classmethod
     def load(cls, folder: ModelFolder, arch: VaeArch | None = None, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> "WanVAE":
+             device: str | torch.device = "cpu") -> WanVAE:
         """From a model folder: official `Wan2.1_VAE.pth` (architecture: `arch`, default the release) or
         diffusers `vae/` (architecture: `vae/config.json`, else `arch`)."""
         cfg = folder.component_config("vae")
@@ -232,15 +233,56 @@ class WanVAE:
         """Normalized latents [B, z, F, h, w] -> video [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1] (float32)."""
         return self.model.decode(self._post_quant(latents)).sample.float().clamp_(-1, 1)
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def _cache_slots(decoder) -> list[bool]:
+    """The Wan2.1 decoder's feature-cache slots in the order its forward fills them: True for a temporal
+    upsample's time_conv (its slot starts as "Rep"; it doubles the frame rate), False for a plain causal conv.
+    Every one has temporal kernel 3 and caches its last 2 input frames; 1x1x1 shortcuts take no slot."""
+    slots = [False]  # conv_in
+    for block in [decoder.mid_block, *decoder.up_blocks]:
+        slots += [False, False] * len(block.resnets)  # conv1, conv2; the mid attention is per frame
+        ups = getattr(block, "upsamplers", None)
+        if ups is not None and ups[0].mode == "upsample3d":
+            slots.append(True)
+    return [*slots, False]  # conv_out
+
+
+def decoder_history(decoder) -> int:
+    """R: the decoder's state after latent frame n is a function of latent frames [n-R+1, n] alone.
+
+    Every op is per frame except the causal convs (frame t sees t-2..t of its input and caches t-1, t), so
+    the state, the cache, is a finite impulse response of the latents. Walked exactly, per output frame of
+    the newest latent frame: lag[p] is how far back (in latent frames) frame p of it reaches; a frame r
+    positions earlier at r frames per latent frame is one latent frame further back. R = 1 + the deepest lag
+    of a cached frame. Per conv that is +2 at 1 frame per latent frame, +1 at 2, +1 per 2 convs at 4:
+    Wan2.1 (12, 7 and 13 convs) gives 1 + 24 + 7 + 6 = 38, i.e. 8 num_res_blocks + 22.
+    """
+    lag, deepest = [0], 0
+
+    def conv():
+        nonlocal lag, deepest
+        r = len(lag)
+        at = [lag[q % r] - q // r for q in range(-2, r)]  # at[q + 2]: input frame q (< 0: earlier latent frames)
+        deepest = max(deepest, *at[-2:])  # the cache: the last 2 input frames
+        lag = [max(at[p:p + 3]) for p in range(r)]
+
+    for doubles in _cache_slots(decoder):
+        conv()
+        if doubles:
+            lag = [x for x in lag for _ in range(2)]
+    return deepest + 1
 
 
 class StreamDecoder:
     """Decodes a latent video chunk by chunk with one causal feature cache, exactly like one whole decode.
 
     `decode(z[:, :, 0:3])` then `decode(z[:, :, 3:6])`, concatenated in time, equals `vae.decode(z[:, :, 0:6])`:
-    the first latent frame gives 1 pixel frame, every later one 4. Mirrors `AutoencoderKLWan._decode`.
+    the first latent frame gives 1 pixel frame, every later one 4. Mirrors `AutoencoderKLWan._decode`, but
+    one latent frame at a time from post_quant_conv on, so each frame's arithmetic is the same whatever the
+    chunking (what makes `resume` bit for bit).
     """
 
     def __init__(self, vae: WanVAE):
@@ -250,9 +292,13 @@ class StreamDecoder:
         self.latent_frames = 0  # decoded so far
         self._shape: tuple[int, ...] | None = None  # (B, h, w): the cache holds one video
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, z, f, h, w] normalized latents (the next f frames) -> their pixel frames, float32 in [-1, 1]."""
+    @property
+    def history_frames(self) -> int:
+        """How many latent frames `resume` needs (`decoder_history`): 38 for every Wan2.1 VAE release."""
+        return decoder_history(self.vae.model.decoder)
+
+    def _frames(self, latents: torch.Tensor):
+        """Each latent frame's raw decoder output in turn, advancing the cache."""
         model = self.vae.model
         if latents.dim() == 5:
             shape = (latents.shape[0], *latents.shape[3:])
@@ -260,10 +306,41 @@ class StreamDecoder:
                 raise ValueError(f"stream decoder: chunk has (B, h, w) = {shape}, earlier chunks {self._shape}; "
                                  f"one stream decoder per video")
             self._shape = shape
-        x = model.post_quant_conv(self.vae._post_quant(latents))  # 1x1x1 conv: no state across frames
-        out = []
-        for i in range(x.shape[2]):
-            out.append(model.decoder(x[:, :, i:i + 1], feat_cache=self.feat_cache, feat_idx=[0],
-                                     first_chunk=self.latent_frames == 0))
+        z = self.vae._post_quant(latents)
+        for i in range(z.shape[2]):
+            x = model.post_quant_conv(z[:, :, i:i + 1])  # 1x1x1 conv: no state across frames
+            out = model.decoder(x, feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.latent_frames == 0)
             self.latent_frames += 1
-        return torch.cat(out, 2).float().clamp_(-1, 1)
+            yield out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, z, f, h, w] normalized latents (the next f frames) -> their pixel frames, float32 in [-1, 1]."""
+        return torch.cat(list(self._frames(latents)), 2).float().clamp_(-1, 1)
+
+    @torch.no_grad()
+    def resume(self, tail: torch.Tensor, start_frame: int) -> StreamDecoder:
+        """This decoder, in the state of one that decoded latent frames [0, start_frame + f), from only the
+        last f of them: tail = frames [start_frame, start_frame + f), f >= min(history_frames, start_frame + f).
+
+        A session restores in O(history) instead of re-decoding its video. Frames before start_frame are
+        replaced by zeros, the causal convs' own padding: None slots, and "Rep" in the temporal upsamples'
+        slots, which zero-pads too but doubles the frame rate (None would decode a first frame). After
+        `history_frames` latent frames nothing of those zeros is left in the cache (`decoder_history`).
+        """
+        if tail.dim() != 5 or start_frame < 0:
+            raise ValueError(f"resume: tail must be [B, z, f, h, w] latents and start_frame >= 0; got shape "
+                             f"{tuple(tail.shape)}, start_frame {start_frame}")
+        end = start_frame + tail.shape[2]
+        need = min(self.history_frames, end)
+        if tail.shape[2] < need:
+            raise ValueError(f"resume: the state after latent frame {end - 1} depends on the last {need} latent "
+                             f"frames [{end - need}, {end}); got {tail.shape[2]} (from {start_frame})")
+        self.feat_cache = [None] * len(self.feat_cache)
+        for i, up in enumerate(_cache_slots(self.vae.model.decoder)):
+            if up and start_frame:
+                self.feat_cache[i] = "Rep"
+        self.latent_frames, self._shape = start_frame, None
+        for _ in self._frames(tail):
+            pass
+        return self

@@ -10,7 +10,6 @@ hands the bidirectional forward to their layers instead. ARCHITECTURE.md ("paral
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 

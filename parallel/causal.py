@@ -31,6 +31,10 @@ class RingLayerKV(SlotKV):
     def chunk(self) -> int:
         return self.unit
 
+    @property
+    def sink_units(self) -> int:
+        return self.cache.sink_slots if self.cache.relative else 0
+
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this member's chunk [B, n, h, D] of the current block (post-RoPE k, raw v, padding included)."""
         c = self.cache
@@ -43,6 +47,8 @@ class RingLayerKV(SlotKV):
         slot = c.block_slot(c.block[0] // c.block_frames)
         self.k[:, slot * n:(slot + 1) * n] = k
         self.v[:, slot * n:(slot + 1) * n] = v
+        self.keep_sink(slot, 1)
+        self.place_sink()  # a rotation by a constant shift: the same for every token of a member's chunk
 
     def segments(self, length: int) -> list[KVSegment]:
         """The K/V this member contributes to the ring for the current block (`RingKVCache.visible_runs`)."""
@@ -61,7 +67,8 @@ class RingKVCache(KVCache):
     by the block ending at `end` iff j < end and (no window, or j < S, or j >= first_frame).
     """
 
-    def __init__(self, num_layers: int, window: int | None, sink: int, block_frames: int, member: int, members: int):
+    def __init__(self, num_layers: int, window: int | None, sink: int, block_frames: int, member: int, members: int,
+                 positions: str = "relative"):
         if block_frames < 1 or not 0 <= member < members:
             raise ValueError(f"ring cache: block_frames = {block_frames}, member {member} of {members}")
         self.block_frames, self.member, self.members = block_frames, member, members
@@ -73,7 +80,7 @@ class RingKVCache(KVCache):
             self.sink_slots, self.recent_slots, self.slots = 0, 0, 0
         self._visible_key: tuple | None = None
         self._visible: list | None = None
-        super().__init__(num_layers, window, sink)
+        super().__init__(num_layers, window, sink, positions)
 
     layer_cls = RingLayerKV
 
@@ -133,7 +140,9 @@ class RingKVCache(KVCache):
         padded = self.members * chunk
         tok = torch.arange(padded)
         out = []
-        for b in range(self.written_blocks):
+        recent = range(self.written_blocks) if self.window is None else range(
+            max(self.sink_slots, self.first_frame // bf), self.written_blocks)
+        for b in [*range(min(self.sink_slots, self.written_blocks)), *recent]:  # O(window), not O(video)
             frames = [b * bf + j for j in range(bf)]
             seen = [f < self.end and (self.window is None or f < self.sink or f >= self.first_frame) for f in frames]
             if not any(seen):
@@ -169,10 +178,11 @@ class CausalSequenceParallel:
             return "ulysses"
         return "ring" if self.ulysses == 1 else "hybrid"
 
-    def new_cache(self, num_layers: int, window: int | None, sink: int, block_frames: int) -> KVCache:
+    def new_cache(self, num_layers: int, window: int | None, sink: int, block_frames: int,
+                  positions: str = "relative") -> KVCache:
         if self.ring == 1:
-            return KVCache(num_layers, window, sink)
-        return RingKVCache(num_layers, window, sink, block_frames, self.attn.ring.rank, self.ring)
+            return KVCache(num_layers, window, sink, positions)
+        return RingKVCache(num_layers, window, sink, block_frames, self.attn.ring.rank, self.ring, positions)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, kernel: AttentionKernel = SDPA) -> torch.Tensor:
         heads = q.shape[2]

@@ -1,6 +1,7 @@
-"""CausVid sessions through the real Serve app: fragments whose blocks stream out, two replicas with
-session affinity, independence of concurrent sessions, the idle tier, deletion, worker death (rebuilt from
-the stored state, or 410 when that is gone too), and no leftovers after 50 sessions."""
+"""CausVid sessions through the real Serve app: fragments whose blocks stream out, the whole video joined
+from their segments on the router's disk, two replicas with session affinity, independence of concurrent
+sessions, the idle tier, deletion, worker death (rebuilt from the stored state, or 410 when that is gone
+too), and no leftovers after 50 sessions."""
 from __future__ import annotations
 
 import base64
@@ -58,7 +59,12 @@ def fragment(api: Api, sid: str, prompt: str | None = None, tmp: Path | None = N
     return done, decode(api.get(done["url"]).content, tmp)
 
 
-def test_session_fragments_stream_blocks(api, tmp_path):
+def session_files(env, sid: str) -> list[str]:
+    folder = env["state"] / "sessions" / sid
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_session_fragments_stream_blocks(env, api, tmp_path):
     s = open_session(api, "a paper boat on the river", 5)
     assert s["status"] == "active" and s["fragments"] == 0 and s["size"] == "48x32" and s["replica"]
     first, frames1 = fragment(api, s["id"], tmp=tmp_path)
@@ -73,9 +79,16 @@ def test_session_fragments_stream_blocks(api, tmp_path):
     info = api.get(f"/v1/sessions/{s['id']}").json()
     assert info["fragments"] == 2 and info["frames"] == sum(FRAGMENT_FRAMES) and info["cache_bytes"] > 0
     assert info["tier"] == "active" and info["jobs"] == [first["id"], second["id"]]
-    whole = decode(api.get(f"/v1/sessions/{s['id']}/video").content, tmp_path)
+    # the whole video is joined on the router's disk from one segment per fragment: exactly the fragments' frames
+    assert session_files(env, s["id"]) == ["000000.mp4", "000001.mp4"]
+    r = api.get(f"/v1/sessions/{s['id']}/video")
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    whole = decode(r.content, tmp_path)
     assert whole.shape == (sum(FRAGMENT_FRAMES), 32, 48, 3)
+    assert np.array_equal(whole, np.concatenate([frames1, frames2]))
+    assert not list((env["state"] / "tmp").iterdir())  # the joined file is gone once sent
     assert api.delete(f"/v1/sessions/{s['id']}").json()["deleted"]
+    assert session_files(env, s["id"]) == [] and not (env["state"] / "sessions" / s["id"]).exists()
 
 
 def test_concurrent_sessions_are_independent_and_sticky(api, tmp_path):
@@ -139,6 +152,8 @@ def test_killed_worker_session_is_rebuilt(api, tmp_path):
     got = fragment(api, s["id"], None, tmp_path)[1]  # rebuilt from the stored state, here or elsewhere
     assert np.array_equal(got, fragment(api, ref["id"], None, tmp_path)[1])
     assert api.get(f"/v1/sessions/{s['id']}").json()["fragments"] == 2
+    videos = [decode(api.get(f"/v1/sessions/{x['id']}/video").content, tmp_path) for x in (s, ref)]
+    assert len(videos[0]) == sum(FRAGMENT_FRAMES) and np.array_equal(*videos)
     for x in (s, ref):
         api.delete(f"/v1/sessions/{x['id']}")
 
@@ -154,6 +169,9 @@ def test_killed_worker_without_state_is_410(env, api, tmp_path):
     assert done["status"] == "failed" and "open a new session" in done["error"]["message"], done
     gone = api.post(f"/v1/sessions/{s['id']}/fragments", json={})
     assert gone.status_code == 410 and "lost" in gone.json()["error"]["message"]
+    video = api.get(f"/v1/sessions/{s['id']}/video")
+    assert video.status_code == 410 and video.json()["error"]["code"] == "session_lost"
+    assert session_files(env, s["id"]) == []  # its segments went with the session
 
 
 def test_unsupported_combinations_are_4xx(api):

@@ -14,11 +14,20 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from model.archs import VaeArch
 from model.checkpoint import VAE_FILE, CheckpointError, ModelFolder
 from model.config import ConfigError
-from model.vae import WanVAE, arch_from_diffusers_config, convert_vae_official, vae_config, vae_key
+from model.vae import (
+    StreamDecoder,
+    WanVAE,
+    arch_from_diffusers_config,
+    convert_vae_official,
+    decoder_history,
+    vae_config,
+    vae_key,
+)
 
 TINY = VaeArch(base_dim=8, z_dim=4, latents_mean=(0.3, -0.5, 1.2, 0.0), latents_std=(2.0, 0.5, 1.5, 3.0))
 
@@ -51,7 +60,7 @@ def official_vae_shapes(a: VaeArch) -> dict[str, tuple[int, ...]]:
     dims = [a.base_dim * m for m in (1, *a.dim_mult)]
     conv("encoder.conv1", dims[0], 3, (3, 3, 3))
     i = 0
-    for st, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+    for st, (cin, cout) in enumerate(itertools.pairwise(dims)):
         for _ in range(a.num_res_blocks):
             res(f"encoder.downsamples.{i}", cin, cout)
             cin, i = cout, i + 1
@@ -71,7 +80,7 @@ def official_vae_shapes(a: VaeArch) -> dict[str, tuple[int, ...]]:
     conv("decoder.conv1", dims[0], z, (3, 3, 3))
     middle("decoder.middle", dims[0])
     i = 0
-    for st, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+    for st, (cin, cout) in enumerate(itertools.pairwise(dims)):
         if st > 0:  # upstream: `if i == 1 or i == 2 or i == 3: in_dim = in_dim // 2`
             cin //= 2
         for _ in range(a.num_res_blocks + 1):
@@ -270,6 +279,102 @@ def test_stream_decode_equals_whole(vae):
     dec = vae.stream_decoder()  # uneven chunks
     parts = [dec.decode(z[:, :, s]) for s in (slice(0, 1), slice(1, 2), slice(2, 6))]
     assert (torch.cat(parts, 2) - whole).abs().max() <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming a stream decoder from its last R latent frames
+# --------------------------------------------------------------------------------------------------
+def random_decoder(arch: VaeArch, seed: int = 0):
+    """The decoder of `arch` with random weights, nothing else materialized (the real size is 70 M params)."""
+    with torch.device("meta"):
+        decoder = AutoencoderKLWan(**vae_config(arch)).decoder
+    decoder.to_empty(device="cpu").requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in decoder.named_parameters():
+        p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("gamma") else
+                torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return decoder
+
+
+def taint_depth(decoder, start: int = 3) -> int:
+    """R measured: latent frames decoded from a NaN one on until the feature cache is NaN-free again.
+
+    NaN survives every op it meets (0 * NaN included), so it marks exactly the cache entries that depend on
+    that frame; 1x1 latents keep it cheap (space does not matter, time does).
+    """
+    cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(start + 100):
+            x = torch.full((1, decoder.z_dim, 1, 1, 1), math.nan) if i == start else \
+                torch.randn(1, decoder.z_dim, 1, 1, 1, generator=g)
+            decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
+            if i >= start and not any(isinstance(c, torch.Tensor) and c.isnan().any() for c in cache):
+                return i - start
+    raise AssertionError("the cache never forgot the NaN frame")
+
+
+@pytest.mark.parametrize("arch", [TINY.model_copy(update={"num_res_blocks": n}) for n in (1, 2, 3)] + [VaeArch()],
+                         ids=["tiny-nrb1", "tiny-nrb2", "tiny-nrb3", "wan2.1-release"])
+def test_history_frames(arch):
+    decoder = random_decoder(arch)
+    r = decoder_history(decoder)
+    if arch == VaeArch():
+        print(f"Wan2.1 release VAE: the stream decoder's state is a function of the last R = {r} latent frames")
+    assert r == taint_depth(decoder) == 8 * arch.num_res_blocks + 22
+
+
+def test_history_frames_of_fixture(vae):
+    dec = vae.stream_decoder()
+    assert dec.history_frames == 38
+    dec.decode(torch.zeros(1, 4, 1, 2, 2))  # after frame 0 the temporal upsamples' slots hold "Rep": resume's
+    reps = [i for i, c in enumerate(dec.feat_cache) if isinstance(c, str)]  # slots: conv_in, mid, 3 resnets
+    assert reps == [1 + 4 + 6, 1 + 4 + 6 + 1 + 6] and {dec.feat_cache[i] for i in reps} == {"Rep"}
+
+
+def next_chunks(dec: StreamDecoder, z: torch.Tensor, start: int) -> list[torch.Tensor]:
+    return [dec.decode(z[:, :, s:s + 3]) for s in range(start, z.shape[2], 3)]
+
+
+def same_cache(a: StreamDecoder, b: StreamDecoder) -> bool:
+    return len(a.feat_cache) == len(b.feat_cache) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(a.feat_cache, b.feat_cache, strict=True))
+
+
+@pytest.mark.parametrize("n, start", [(38 + 5, 5), (38 + 5, 2), (10, 0)], ids=["tail-R", "tail-R+3", "short-stream"])
+def test_resume_bit_exact(vae, n, start):
+    """Resumed from frames [start, n), the decoder continues exactly as the one that decoded [0, n)."""
+    z = torch.randn(1, 4, n + 6, 2, 2, generator=torch.Generator().manual_seed(7))
+    ref = vae.stream_decoder()
+    for s in range(0, n, 3):
+        ref.decode(z[:, :, s:min(s + 3, n)])
+    dec = vae.stream_decoder()
+    dec.decode(torch.randn(1, 4, 4, 3, 3))  # resume replaces whatever state it had
+    assert dec.resume(z[:, :, start:n], start) is dec
+    assert dec.latent_frames == ref.latent_frames == n and same_cache(dec, ref)
+    for a, b in zip(next_chunks(dec, z, n), next_chunks(ref, z, n), strict=True):
+        assert a.shape == (1, 3, 12, 16, 16) and torch.equal(a, b)
+
+
+def test_resume_needs_r_frames(vae, monkeypatch):
+    r, n = 38, 38 + 5
+    z = torch.randn(1, 4, n + 3, 2, 2, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match=r"depends on the last 38 latent frames \[5, 43\); got 37 \(from 6\)"):
+        vae.stream_decoder().resume(z[:, :, n - r + 1:n], n - r + 1)
+    with pytest.raises(ValueError, match=r"last 10 latent frames \[0, 10\); got 8"):  # short of frame 0
+        vae.stream_decoder().resume(z[:, :, 2:10], 2)
+    with pytest.raises(ValueError, match="tail must be"):
+        vae.stream_decoder().resume(z[0], 0)
+    ref = vae.stream_decoder()
+    ref.decode(z[:, :, :n])
+    expected = ref.decode(z[:, :, n:])
+    monkeypatch.setattr(StreamDecoder, "history_frames", r - 1)  # R - 1 frames is not enough: it differs
+    short = vae.stream_decoder().resume(z[:, :, n - r + 1:n], n - r + 1)
+    assert not same_cache(short, ref)
+    diff = (short.decode(z[:, :, n:]) - expected).abs().max().item()
+    print(f"resumed from R - 1 = {r - 1} frames: next chunk off by max |diff| = {diff:.2e}")
+    assert diff > 0
 
 
 def test_bf16_load(folders):

@@ -20,7 +20,7 @@ from ray import serve
 from ..config import ModelSpec, SessionSettings
 from ..loops import LoopErrors
 from .group import GroupDriver
-from .jobs import JobBodies, mp4_bytes, plain
+from .jobs import JobBodies, plain
 from .sessions import SessionManager
 
 log = logging.getLogger("ray.serve")
@@ -195,23 +195,6 @@ class Generator:
         except KeyError:
             return None
         return {"replica": self.replica_id, **plain(info), "tier": self.sessions.tier(session_id)}
-
-    async def session_video(self, session_id: str, state: dict | None = None, **_: Any) -> dict:
-        """The whole video so far as mp4 bytes; restores the session first if it is not here and a state
-        is given. {"missing": True} if neither."""
-        self._need_sessions()
-        async with self._lock:
-            if self.driver.group is None:
-                await self.driver.rebuild()
-            if session_id not in self.sessions:
-                if state is None:
-                    return {"missing": True}
-                await asyncio.to_thread(self.sessions.restore, session_id, state)
-            frames = await asyncio.to_thread(self.driver.group.session_video, session_id)
-        if len(frames) == 0:
-            return {"video": None, "frames": 0}
-        data = await asyncio.to_thread(mp4_bytes, frames, self.cfg.fps)
-        return {"video": data, "frames": int(frames.shape[0]), "replica": self.replica_id}
 
     async def close_session(self, session_id: str, **_: Any) -> bool:
         self._need_sessions()

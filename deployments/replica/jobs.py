@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from ..loops import LoopErrors
 from .group import POLL_S, WORKER_FAILURES, GroupDriver, GroupFailed
 from .sessions import SessionManager
@@ -133,7 +135,7 @@ class JobBodies:
     async def causvid_video(self, job: dict, emit: Emit, polled) -> None:
         """LightX2V's one call: a session of `num_fragments` fragments, its whole video, then closed."""
         sid, n, t0 = f"job-{job['job_id']}", int(job.get("num_fragments") or 1), time.perf_counter()
-        mgr = self.sessions
+        mgr, parts = self.sessions, {}  # fragment index -> its frames: a retry keeps the fragments it has
         try:
             async def run_all():
                 if sid not in mgr:
@@ -142,8 +144,10 @@ class JobBodies:
                 await asyncio.to_thread(mgr.ready, sid)
                 done = (await asyncio.to_thread(self.driver.group.session_info, sid)).get("fragments", 0)
                 for _ in range(done, n):
-                    await polled(lambda: self.driver.group.next_fragment(sid, None, self.spec.job_timeout_s))
-                return await asyncio.to_thread(self.driver.group.session_video, sid)
+                    out = await polled(lambda: self.driver.group.next_fragment(sid, None, self.spec.job_timeout_s))
+                    parts[int(out["fragment"])] = out["frames"]
+                # the fragments' own results, not the session's frames: sessions keep no decoded video
+                return np.concatenate([parts[i] for i in range(n)])
 
             frames = await self.guarded(emit, run_all)
             if frames is None:

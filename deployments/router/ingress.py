@@ -77,7 +77,10 @@ class Router:
         return await self.svc.sessions.view(session_id)
 
     async def session_video(self, session_id: str) -> bytes:
-        return await self.svc.sessions.video(session_id)
+        """The whole video as bytes (a handle answer is one object; HTTP streams it from disk instead)."""
+        video = await self.svc.sessions.video(session_id)
+        with video:
+            return await asyncio.to_thread(video.read)
 
     async def close_session(self, session_id: str) -> dict:
         return await self.svc.sessions.close(session_id)

@@ -3,12 +3,13 @@
 A session's caches live in one replica's workers; the router keeps its row and its state (storage/
 sessions.py) and pins every call to the owner. Owners are cached in memory (filled from the store in a
 thread), so the dispatcher's loop never waits on SQLite. A closed, evicted or lost session is rebuilt from
-its stored state on its next call; only one whose state is gone too is 410.
+its stored state on its next call; only one whose state is gone too is 410. The whole video is joined on
+disk from the fragments' mp4 segments the router keeps (storage/segments.py): no replica is asked for it.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, BinaryIO
 
 from engine.tiers import Tier
 from model.config import format_size
@@ -107,6 +108,9 @@ class SessionService:
         row = await asyncio.to_thread(self.store.get, sid)
         if row is None or row["status"] != SessionStatus.active:
             return  # deleted meanwhile: keep no state for it
+        index = int(info.get("fragments", 0)) - 1  # the fragment just made; a retried one overwrites its own
+        if outcome.get("video") and index >= 0:  # before the row counts it: a video never misses a fragment
+            await asyncio.to_thread(self.store.save_segment, sid, index, outcome["video"])
         if outcome.get("state") is not None:
             await asyncio.to_thread(self.store.save_state, sid, outcome["state"])
         await asyncio.to_thread(self.store.update, sid, replica=outcome.get("replica"),
@@ -155,31 +159,22 @@ class SessionService:
         except (asyncio.TimeoutError, *REPLICA_GONE):
             return None
 
-    async def video(self, session_id: str) -> bytes:
+    async def video(self, session_id: str) -> BinaryIO:
+        """The whole video so far, joined from the segments on disk (memory stays flat however long the
+        session runs): an open file, already unlinked, for the caller to stream and close."""
         row = await self.active(session_id)
         if row["fragments"] == 0:
             raise ApiError(409, f"session {session_id} has no frames yet: generate a fragment first "
                                 f"(POST /v1/sessions/{session_id}/fragments)", "no_frames")
-        res = await self.on_owner(session_id, "session_video", timeout=SESSION_CALL_TIMEOUT_S)
-        if not res or res.get("missing"):
-            state = await asyncio.to_thread(self.store.load_state, session_id)
-            if state is None:
-                await self.end(session_id, SessionStatus.lost, "its cache and its stored state are gone")
-                raise ApiError(410, f"session {session_id} was lost: its cache and stored state are gone. Open a "
-                                    "new session", "session_lost")
-            d = self.dispatchers[row["model"]]
-            await d.poll(force=True)
-            if not d.replicas:
-                raise ApiError(503, f"model {row['model']} has no running replica; retry shortly", "no_replica",
-                               headers={"Retry-After": "5"})
-            target = row["replica"] if d.alive(row["replica"]) else d.pick(d.idle() or list(d.replicas))
-            call = self.handles[row["model"]].options(method_name="session_video")
-            res = await asyncio.wait_for(call.remote(session_id, state=state, route_to=target), SESSION_CALL_TIMEOUT_S)
-            await asyncio.to_thread(self.store.update, session_id, replica=res.get("replica"))
-            self._owners[session_id] = res.get("replica")
-        if not res.get("video"):
-            raise ApiError(409, f"session {session_id} has no frames yet", "no_frames")
-        return res["video"]
+        try:
+            return await asyncio.to_thread(self.store.open_video, session_id, row["fragments"])
+        except (FileNotFoundError, RuntimeError) as e:
+            await self.active(session_id)  # ended while joining: its segments went with it (410)
+            if isinstance(e, FileNotFoundError):
+                raise ApiError(410, f"session {session_id}: {e}; its whole video cannot be made any more (its "
+                                    "fragments' own videos may still be at /v1/videos/{id}/content)",
+                               "session_video_gone") from None
+            raise
 
     async def close(self, session_id: str) -> dict:
         row = await asyncio.to_thread(self.store.get, session_id)

@@ -4,7 +4,8 @@ A session's caches live in a generator replica's workers and are soft (eviction,
 restart loses them). What makes them recoverable is kept here, beside the job store and under the same
 durability policy (storage/sqlite.py): one row per session in `sessions.sqlite`, and after every fragment
 the session's state (`session_state()`: latents, generator states, prompts; no caches) in
-`sessions/<id>.state`, written atomically.
+`sessions/<id>.state` and the fragment's mp4 in `sessions/<id>/<fragment:06d>.mp4` (the whole video is
+joined from those on demand, storage/segments.py), all written atomically and dropped together.
 """
 from __future__ import annotations
 
@@ -12,19 +13,22 @@ import io
 import json
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from model.files import write_atomic
+from model.files import PART_SUFFIX, write_atomic
 
 from ..states import SessionStatus
 from .results import OnError
+from .segments import SEGMENT_RE, concat_mp4, segment_name
 from .sqlite import Database
 
 SESSION_ID_PREFIX = "ses_"
+JOIN_LEFTOVER_S = 3600.0  # a join file older than this belongs to a router that died while joining
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -53,11 +57,14 @@ def new_session_id() -> str:
 
 
 class SessionStore:
-    """Rows in `<state_dir>/sessions.sqlite`, states in `<state_dir>/sessions/`. Thread-safe."""
+    """Rows in `<state_dir>/sessions.sqlite`; states and video segments in `<state_dir>/sessions/`, whole
+    videos joined in `<state_dir>/tmp/`. Thread-safe."""
 
     def __init__(self, state_dir: str | os.PathLike):
         self.dir = Path(state_dir) / "sessions"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(state_dir) / "tmp"
+        for d in (self.dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
         self._db = Database(Path(state_dir) / "sessions.sqlite", (_SCHEMA_V1,), "session")
 
     def close(self) -> None:
@@ -115,12 +122,52 @@ class SessionStore:
                 if on_error is None:
                     raise
                 on_error(sid, e)
+        self._purge_joins(on_error)
         return done
 
+    def _purge_joins(self, on_error: OnError | None) -> None:
+        """Joined videos a dead router left behind (a live one unlinks each as soon as it has opened it)."""
+        cutoff = time.time() - JOIN_LEFTOVER_S
+        for p in sorted(self.tmp_dir.iterdir()):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if on_error is None:
+                    raise
+                on_error(p.name, e)
+
     def state_path(self, session_id: str) -> Path:
-        if not session_id.startswith(SESSION_ID_PREFIX) or not session_id[4:].isalnum():
-            raise ValueError(f"not a session id: {session_id!r}")
-        return self.dir / f"{session_id}.state"
+        return self.dir / f"{_checked(session_id)}.state"
+
+    def segment_path(self, session_id: str, index: int) -> Path:
+        """Fragment `index`'s mp4: `sessions/<id>/<index:06d>.mp4`."""
+        return self.dir / _checked(session_id) / segment_name(index)
+
+    def save_segment(self, session_id: str, index: int, data: bytes) -> None:
+        """Atomically; a retried fragment overwrites its own segment, so each index is there once."""
+        write_atomic(self.segment_path(session_id, index), data)
+
+    def missing_segments(self, session_id: str, count: int) -> list[int]:
+        return [i for i in range(count) if not self.segment_path(session_id, i).is_file()]
+
+    def open_video(self, session_id: str, count: int) -> BinaryIO:
+        """Segments 0..count-1 joined into one mp4, returned open and already unlinked: the caller streams it
+        from disk, and nothing stays behind whatever becomes of the response. FileNotFoundError naming the
+        fragments whose segment is gone."""
+        missing = self.missing_segments(session_id, count)
+        if missing:
+            raise FileNotFoundError(f"the video of fragment(s) {_ranges(missing)} is gone")
+        fd, name = tempfile.mkstemp(prefix=f"{_checked(session_id)}.", suffix=".mp4", dir=self.tmp_dir)
+        os.close(fd)
+        out = Path(name)
+        try:
+            concat_mp4([self.segment_path(session_id, i) for i in range(count)], out)
+            return out.open("rb")  # the caller closes it once streamed
+        finally:
+            out.unlink(missing_ok=True)
 
     def save_state(self, session_id: str, state: dict) -> None:
         """Atomically: a crash leaves the previous state, never half of one."""
@@ -135,4 +182,31 @@ class SessionStore:
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def drop_state(self, session_id: str) -> None:
+        """The state and the video segments (with `.part` leftovers): nothing of the session stays on disk."""
         self.state_path(session_id).unlink(missing_ok=True)
+        folder = self.dir / _checked(session_id)
+        if not folder.is_dir():
+            return
+        for p in folder.iterdir():
+            if SEGMENT_RE.match(p.name.removesuffix(PART_SUFFIX)):
+                p.unlink(missing_ok=True)
+        folder.rmdir()  # not empty: a file not ours is there; retention reports it and tries again
+
+
+def _checked(session_id: str) -> str:
+    """The id if it is one of ours: it becomes a file and a folder name."""
+    if not session_id.startswith(SESSION_ID_PREFIX) or not session_id[4:].isalnum():
+        raise ValueError(f"not a session id: {session_id!r}")
+    return session_id
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5': a message stays short when hours of segments are gone."""
+    out, start = [], None
+    for i, x in enumerate(indices):
+        if start is None:
+            start = x
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
