@@ -54,7 +54,8 @@ class SessionSettings(BaseModel):
                                                            "beyond it the least recently used are closed")
     max_sessions: int = Field(64, ge=1, description="open sessions per replica")
     retention_s: float = Field(24 * 3600.0, gt=0, description="the router forgets a session idle this long")
-    max_fragments: int = Field(48, ge=1, description="fragments per session")
+    max_fragments: int | None = Field(None, ge=1, description="fragments per session: an operator's cap (unset: "
+                                                              "none; a windowed CausVid session has no end)")
 
 
 class Limits(BaseModel):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline
+from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline, fragment_prompts
 from model.config import ConfigError
 from model.pipeline import Cancelled, Generation, Request, RequestError, StageTimer, check_prompt
 from parallel.causal import attach
@@ -307,12 +307,12 @@ class CausalRunner:
                     error = e
             with timer("broadcast"):
                 args = share_result(group, args, error)
+            *args, prompts = args
             session = self._track(pipe.start_session(*args, history=True))
-            n = pipe.cfg.num_fragments
             videos = []
             with timer("dit"):  # the fragments' own split (text / dit / vae) is in the session's timings
-                for _ in range(n):
-                    videos.append(session.next_fragment(progress=rank0_progress(self.group, progress),
+                for p in prompts:
+                    videos.append(session.next_fragment(p, progress=rank0_progress(self.group, progress),
                                                         cancel=collective_cancel(self.group, cancel)))
             group.phase = "idle"
         latents, nfe = session.latents(), session.nfe
@@ -323,19 +323,22 @@ class CausalRunner:
         timer.timings["total"] = time.perf_counter() - t0
         return Generation(torch.cat(videos, dim=1), latents, session.seed, nfe, timer.timings, fps=pipe.cfg.fps)
 
-    def _check_request(self, request: Request | None) -> tuple[str, int, int, int]:
+    def _check_request(self, request: Request | None) -> tuple[str, int, int, int, list[str]]:
         pipe = self.pipe
         if request is None:
             raise RequestError("rank 0 needs the request")
         if request.image is not None:
             raise RequestError("CausVid is text-to-video only: an image was given (use an i2v model)")
-        n = pipe.cfg.num_fragments
+        schedule = request.prompt_schedule
+        prompts = fragment_prompts(request.prompt, schedule, None if schedule else pipe.cfg.num_fragments)
+        n = len(prompts)
         pipe.check_length(n)
         frames = 1 + 4 * (n * pipe.cfg.num_frames - 1)
         if request.frames is not None and request.frames != frames:
             raise RequestError(f"frames = {request.frames}: a CausVid video is num_fragments x num_frames latent "
                                f"frames ({n} x {pipe.cfg.num_frames} = {frames} frames); change num_fragments in the "
                                "config, or use a session to grow a video fragment by fragment")
-        check_prompt(request.prompt, pipe.cfg.max_prompt_chars)
+        for p in prompts:
+            check_prompt(p, pipe.cfg.max_prompt_chars)
         seed, height, width = pipe.check_request(request.seed, request.height, request.width)
-        return request.prompt, seed, height, width
+        return request.prompt, seed, height, width, prompts

@@ -27,7 +27,31 @@ from .schedulers import make_sampler
 from .vae import WanVAE
 from .validation import validated
 
-__all__ = ["BlockOutput", "CausalSession", "CausVidPipeline", "check_causvid"]
+__all__ = ["BlockOutput", "CausalSession", "CausVidPipeline", "check_causvid", "fragment_prompts"]
+
+
+def fragment_prompts(prompt: str, schedule: list | None, fragments: int | None = None) -> list[str]:
+    """The prompt of every fragment of a one-call CausVid video: `prompt` throughout, or a schedule of spans
+    [(prompt, fragments), ...] (or {"prompt", "fragments"} dicts) run in order, the prompt switching between
+    them (a re-cache each, `prompt_switch`). With a schedule `prompt` must be its first prompt, and `fragments`
+    (if given) its total. A RequestError says what does not fit."""
+    if not schedule:
+        n = 1 if fragments is None else fragments
+        return [prompt] * n
+    out: list[str] = []
+    for i, span in enumerate(schedule):
+        pair = ((span.get("prompt"), span.get("fragments")) if isinstance(span, dict)
+                else tuple(span) if isinstance(span, (list, tuple)) else ())
+        text, n = pair if len(pair) == 2 else (None, None)
+        if not isinstance(text, str) or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RequestError(f"prompt_schedule[{i}]: needs a prompt (a string) and fragments (an integer >= 1)")
+        out += [text] * n
+    if out[0] != prompt:
+        raise RequestError("prompt_schedule: its first prompt must be the request's prompt")
+    if fragments is not None and fragments != len(out):
+        raise RequestError(f"prompt_schedule covers {len(out)} fragments, num_fragments = {fragments}: give one, or "
+                           "make them agree")
+    return out
 
 
 def check_causvid(cfg: RunConfig, arch) -> None:
@@ -138,17 +162,23 @@ class CausVidPipeline:
 
     def generate(self, prompt: str, seed: int | None = None, height: int | None = None, width: int | None = None,
                  num_fragments: int | None = None, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                 on_block: Callable[[BlockOutput], None] | None = None) -> Generation:
-        """LightX2V's one call: `num_fragments` (default: the config's) fragments of one session."""
-        n = self.cfg.num_fragments if num_fragments is None else num_fragments
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                 on_block: Callable[[BlockOutput], None] | None = None,
+                 prompt_schedule: list | None = None) -> Generation:
+        """LightX2V's one call: `num_fragments` (default: the config's, or the schedule's) fragments of one session;
+        `prompt_schedule` switches the prompt between fragments (`fragment_prompts`)."""
+        n = num_fragments if num_fragments is not None or prompt_schedule else self.cfg.num_fragments
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise RequestError(f"num_fragments = {n!r}: must be an integer >= 1")
+        prompts = fragment_prompts(prompt, prompt_schedule, n)
+        for p in prompts:
+            check_prompt(p, self.cfg.max_prompt_chars)
+        n = len(prompts)
         self.check_length(n)
         t0 = time.perf_counter()
         session = self.start_session(prompt, seed, height, width, history=True)
         videos, timings = [], {}
-        for _ in range(n):
-            videos.append(session.next_fragment(progress=progress, cancel=cancel, on_block=on_block))
+        for p in prompts:
+            videos.append(session.next_fragment(prompt=p, progress=progress, cancel=cancel, on_block=on_block))
             for k, v in session.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
         timings["total"] = time.perf_counter() - t0

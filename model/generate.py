@@ -37,7 +37,10 @@ def parse_args(argv=None, prog: str = "python -m model.generate") -> argparse.Na
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model_path", required=True, help="Wan2.1 model folder (official or diffusers layout)")
     p.add_argument("--config_json", help="LightX2V-style config (configs/wan21/*.json)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None, help="required, except with --prompt_schedule (its first prompt)")
+    p.add_argument("--prompt_schedule", default=None,
+                   help='CausVid: prompts with durations in fragments, as JSON: [["a red square", 2], ["a blue '
+                        'square", 3]] (the prompt switches between fragments; the video has their total)')
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--image_path", default=None, help="first frame for i2v")
     p.add_argument("--seed", type=int, default=None)
@@ -74,8 +77,24 @@ def build_request(args: argparse.Namespace, cfg: RunConfig):
         except OSError as e:
             raise RequestError(f"cannot read image {args.image_path}: {e}") from None
     frames = None if mc.sessions else args.target_video_length  # sessions: num_fragments x num_frames
+    schedule = None
+    if args.prompt_schedule is not None:
+        if not mc.sessions:
+            raise RequestError(f"--prompt_schedule: only CausVid models switch prompts between fragments, not "
+                               f"{mc.name}")
+        try:
+            schedule = json.loads(args.prompt_schedule)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"--prompt_schedule is not JSON: {e}") from None
+        if not isinstance(schedule, list) or not schedule:
+            raise RequestError('--prompt_schedule: a JSON list of [prompt, fragments] pairs, e.g. [["a red square", 2]]')
+        first = schedule[0][0] if isinstance(schedule[0], list) and schedule[0] else None
+        if args.prompt is None:
+            args.prompt = first
+    if args.prompt is None:
+        raise RequestError("--prompt is required (or --prompt_schedule)")
     return Request(args.prompt, args.negative_prompt, image, args.seed, frames, args.target_height,
-                   args.target_width)
+                   args.target_width, schedule)
 
 
 class _Bar:
@@ -139,7 +158,8 @@ def one_process(args: argparse.Namespace, cfg: RunConfig, request, progress) -> 
     pipe = mc.pipeline_class().from_pretrained(args.model_path, cfg, device=args.device, lora_roots=lora_roots(args))
     extra = {"compile": warm_up(pipe)} if cfg.compile else {}  # the compile is not the request's
     if mc.sessions:  # block-by-block: num_fragments fragments of one throwaway session
-        return pipe.generate(req.prompt, req.seed, req.height, req.width, progress=progress), extra
+        return pipe.generate(req.prompt, req.seed, req.height, req.width, progress=progress,
+                             prompt_schedule=req.prompt_schedule), extra
     return pipe.generate(req.prompt, req.negative_prompt, req.image, req.seed, req.frames, req.height, req.width,
                          progress=progress), extra
 

@@ -108,6 +108,7 @@ class Request:
     frames: int | None = None
     height: int | None = None
     width: int | None = None
+    prompt_schedule: list | None = None  # CausVid one call: [(prompt, fragments), ...] (causal_pipeline.fragment_prompts)
 
 
 class StageTimer:

@@ -366,3 +366,18 @@ def test_bad_requests_are_refused(base, monkeypatch):
     assert session.blocks == 3  # refused before any work
     with pytest.raises(ValueError, match="RoPE covers frames"):
         base.causal.forward_block(torch.zeros(1, 4, 2, 4, 6), torch.zeros(1), 1023, base.causal.new_cache(), [])
+
+
+def test_prompt_schedule_switches_between_fragments(base):
+    """One call with prompts and durations equals a session switched by hand (each switch re-cached)."""
+    from model.causal_pipeline import fragment_prompts
+
+    sched = base.generate(PROMPT, seed=19, prompt_schedule=[(PROMPT, 1), {"prompt": OTHER, "fragments": 2}])
+    by_hand = base.start_session(PROMPT, seed=19)
+    parts = [by_hand.next_fragment(), by_hand.next_fragment(prompt=OTHER), by_hand.next_fragment()]
+    assert torch.equal(sched.video, torch.cat(parts, dim=1)) and sched.latents.shape[1] == 18
+    assert fragment_prompts(PROMPT, None, 2) == [PROMPT, PROMPT]
+    for bad, says in [([(OTHER, 1)], "first prompt"), ([(PROMPT, 0)], "integer >= 1"), ([[PROMPT]], "prompt_schedule"),
+                      ([(PROMPT, 2)], "covers 2 fragments")]:
+        with pytest.raises(RequestError, match=says):
+            fragment_prompts(PROMPT, bad, 3 if says.startswith("covers") else None)

@@ -211,6 +211,7 @@ BAD = [
     ({"prompt": "x", "model": "i2v", "image": "A" * 100}, 400, "not a readable image"),
     ({"prompt": "x", "colour": "red"}, 422, "colour: unknown field"),
     ({"prompt": "x", "num_fragments": 2}, 400, "only CausVid"),
+    ({"prompt": "x", "prompt_schedule": [{"prompt": "x", "fragments": 1}]}, 400, "prompt_schedule: only CausVid"),
 ]
 
 

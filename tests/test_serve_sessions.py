@@ -186,10 +186,25 @@ def test_unsupported_combinations_are_4xx(api):
 
 
 def test_one_call_causvid_video(api, tmp_path):
-    job = api.submit(model=MODEL, prompt="a red fox", num_fragments=2, size="48x32")
+    job = api.submit(model=MODEL, prompt="a red fox", num_fragments=2, size="48x32", seed=5)
     done = api.wait(job["id"], 90)
     assert done["status"] == "completed", done
-    assert decode(api.get(done["url"]).content, tmp_path).shape == (sum(FRAGMENT_FRAMES), 32, 48, 3)
+    plain = decode(api.get(done["url"]).content, tmp_path)
+    assert plain.shape == (sum(FRAGMENT_FRAMES), 32, 48, 3)
+    # a prompt schedule: the second fragment under another prompt (re-cached), the first unchanged
+    spans = [{"prompt": "a red fox", "fragments": 1}, {"prompt": "a blue whale", "fragments": 1}]
+    job = api.submit(model=MODEL, prompt="a red fox", prompt_schedule=spans, size="48x32", seed=5)
+    done = api.wait(job["id"], 90)
+    assert done["status"] == "completed", done
+    switched = decode(api.get(done["url"]).content, tmp_path)
+    assert switched.shape == plain.shape
+    first = FRAGMENT_FRAMES[0]
+    assert np.array_equal(switched[:first], plain[:first]) and not np.array_equal(switched[first:], plain[first:])
+    r = api.post("/v1/videos", json={"model": MODEL, "prompt": "a cat", "prompt_schedule": spans})
+    assert r.status_code == 400 and "first prompt must be the request's prompt" in r.json()["error"]["message"]
+    r = api.post("/v1/videos", json={"model": MODEL, "prompt": "a red fox", "prompt_schedule": spans,
+                                     "num_fragments": 3})
+    assert r.status_code == 400 and "covers 2 fragments" in r.json()["error"]["message"]
 
 
 def test_fifty_sessions_leave_nothing_behind(api, tmp_path):

@@ -25,6 +25,12 @@ class LoraRef(BaseModel):
     strength: float = Field(1.0, ge=-4, le=4)
 
 
+class PromptSpan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(description="what the span shows")
+    fragments: int = Field(ge=1, description="how many fragments it lasts")
+
+
 class VideoCreate(BaseModel):
     """POST /v1/videos as JSON. Omitted values are the model's defaults (GET /v1/models)."""
 
@@ -41,6 +47,9 @@ class VideoCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     loras: list[str | LoraRef] | None = Field(None, description="LoRA names (or {name, strength}) from GET /v1/models")
     num_fragments: int | None = Field(None, ge=1, description="CausVid models: fragments in one call")
+    prompt_schedule: list[PromptSpan] | None = Field(
+        None, min_length=1, description="CausVid models: prompts with durations, run in order (the first is `prompt`; "
+                                        "num_fragments, if given, their total); the cache is re-cached at each switch")
 
 
 class VideoCreateForm(BaseModel):

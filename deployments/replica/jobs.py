@@ -143,8 +143,10 @@ class JobBodies:
                                             job.get("width"))
                 await asyncio.to_thread(mgr.ready, sid)
                 done = (await asyncio.to_thread(self.driver.group.session_info, sid)).get("fragments", 0)
-                for _ in range(done, n):
-                    out = await polled(lambda: self.driver.group.next_fragment(sid, None, self.spec.job_timeout_s))
+                prompts = job.get("prompts") or [None] * n  # a prompt_schedule: each fragment's prompt
+                for i in range(done, n):
+                    out = await polled(lambda p=prompts[i]: self.driver.group.next_fragment(sid, p,
+                                                                                           self.spec.job_timeout_s))
                     parts[int(out["fragment"])] = out["frames"]
                 # the fragments' own results, not the session's frames: sessions keep no decoded video
                 return np.concatenate([parts[i] for i in range(n)])

@@ -203,7 +203,20 @@ class Catalog:
         frames = body.get("num_frames")
         if frames is None and body.get("seconds") is not None:
             frames = 4 * round(float(body["seconds"]) * cfg.fps / 4) + 1
-        fragments = body.get("num_fragments")
+        fragments, schedule = body.get("num_fragments"), body.get("prompt_schedule")
+        if schedule is not None and not spec.causvid:
+            raise bad_request("prompt_schedule: only CausVid models switch prompts between fragments",
+                              "prompt_schedule", "unsupported")
+        if schedule is not None:
+            from model.causal_pipeline import fragment_prompts
+            from model.pipeline import RequestError
+
+            try:
+                prompts = fragment_prompts(req["prompt"], [dict(s) for s in schedule], fragments)
+            except RequestError as e:
+                raise bad_request(str(e), "prompt_schedule") from None
+            req["prompts"] = [self.prompt(p, view, "prompt_schedule") for p in prompts]
+            fragments = len(prompts)
         if spec.causvid:
             if frames is not None and frames != view.frames_per_fragment:
                 raise bad_request(f"model {spec.name} is CausVid: it makes fragments of {view.frames_per_fragment} "
