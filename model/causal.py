@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .kernels import SDPA, AttentionKernel, attention
+from .kvquant import Int8Tokens
 from .dit import ROPE_MAX_POSITIONS, WanModel, apply_rope, rope_freqs, time_shift
 
 __all__ = ["ROPE_MAX_POSITIONS", "KVCache", "SlotKV", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
@@ -67,11 +68,18 @@ class SlotKV:
             if self.k.shape[1] >= shape[1]:
                 return
         # zeros: a restore's replay may attend to slots of frames it skipped (KVCache.skip_to)
-        new_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        new_v = torch.zeros(shape, dtype=k.dtype, device=k.device)
+        if self.cache.quant == "int8":
+            new_k, new_v = Int8Tokens(shape, k.dtype, k.device), Int8Tokens(shape, k.dtype, k.device)
+        else:
+            new_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            new_v = torch.zeros(shape, dtype=k.dtype, device=k.device)
         if self.k is not None:  # grow: keep what is there
             n = self.k.shape[1]
-            new_k[:, :n], new_v[:, :n] = self.k, self.v
+            for new, old in ((new_k, self.k), (new_v, self.v)):
+                if isinstance(old, Int8Tokens):
+                    new.q[:, :n], new.scale[:, :n] = old.q, old.scale
+                else:
+                    new[:, :n] = old
         self.k, self.v, self.unit = new_k, new_v, unit
 
     def keep_sink(self, first_slot: int, slots: int) -> None:
@@ -100,7 +108,7 @@ class SlotKV:
         self._shift = shift
 
     def nbytes(self) -> int:
-        return tensor_bytes([self.k, self.v, self.k_sink])
+        return sum(t.nbytes() if isinstance(t, Int8Tokens) else tensor_bytes(t) for t in (self.k, self.v, self.k_sink))
 
     def to(self, device: str | torch.device, copy: bool = False) -> None:
         if self.k is not None:
@@ -180,6 +188,7 @@ class KVCache:
             raise ValueError(f"positions = {positions!r}: 'relative' or 'absolute'")
         self.window, self.sink = window, sink
         self.relative = positions == "relative" and window is not None
+        self.quant = "none"  # "int8": per-group int8 K/V (model/kvquant.py), set before the first write
         self.layers = [self.layer_cls(self) for _ in range(num_layers)]
         self.capacity = window or 0  # frames the buffers hold
         self._shift_rows: tuple | None = None
@@ -341,12 +350,12 @@ class CausalDiT:
     """A `WanModel` run block by block over a `KVCache` (inference), or whole under the block-causal mask.
 
     Holds no state of any video: caches belong to the caller (one per session), so one model serves many.
-    block_frames, window, sink, positions: `num_frame_per_block`, `attention_window`, `sink_frames`,
-    `rope_positions` of the config.
+    block_frames, window, sink, positions, kv_quant: `num_frame_per_block`, `attention_window`, `sink_frames`,
+    `rope_positions`, `kv_cache_quant` of the config.
     """
 
     def __init__(self, dit: WanModel, block_frames: int, window: int | None = None, sink: int = 0,
-                 positions: str = "relative"):
+                 positions: str = "relative", kv_quant: str = "none"):
         if dit.arch.is_i2v:
             raise ValueError("CausVid runs text-to-video DiTs only (LightX2V ships T2V CausVid only); this DiT is i2v")
         if block_frames < 1:
@@ -357,7 +366,7 @@ class CausalDiT:
             raise ValueError(f"sink = {sink}: relative positions re-position the sink as whole blocks of "
                              f"{block_frames} frames")
         self.dit, self.block_frames, self.window, self.sink = dit, block_frames, window, sink
-        self.positions = positions
+        self.positions, self.kv_quant = positions, kv_quant
         self.attend: AttendFn = cache_attention
         self.cache_factory: CacheFactory = local_cache
         self._freqs: tuple | None = None  # (grid, frame offset, device, layout, this rank's freqs) of the last block
@@ -372,7 +381,9 @@ class CausalDiT:
         return self
 
     def new_cache(self) -> KVCache:
-        return self.cache_factory(self.arch.num_layers, self.window, self.sink, self.block_frames, self.positions)
+        cache = self.cache_factory(self.arch.num_layers, self.window, self.sink, self.block_frames, self.positions)
+        cache.quant = self.kv_quant
+        return cache
 
     def context_kv(self, context: torch.Tensor) -> list:
         """Per-layer cross-attention K/V of a text context [B, <=text_len, text_dim]: the per-prompt cache."""

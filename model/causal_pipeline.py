@@ -88,7 +88,8 @@ class CausVidPipeline:
         self.denoise_only = text_encoder is None and vae is None
         self.device = torch.device(device)
         self.arch = dit.arch
-        self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames, cfg.rope_positions)
+        self.causal = CausalDiT(dit, cfg.num_frame_per_block, cfg.attention_window, cfg.sink_frames, cfg.rope_positions,
+                                cfg.kv_cache_quant)
         if cfg.compile:  # the cache attention stays out of the compiled blocks (model/compile.py says why)
             keep_attention_eager(dit, self.causal)
         self.sampler = make_sampler(cfg)
@@ -144,7 +145,8 @@ class CausVidPipeline:
         return {"num_frame_per_block": cfg.num_frame_per_block, "num_blocks": cfg.num_blocks,
                 "attention_window": cfg.attention_window, "sink_frames": cfg.sink_frames,
                 "fragment_continuation": cfg.fragment_continuation, "rope_positions": cfg.rope_positions,
-                "prompt_switch": cfg.prompt_switch, "timesteps": s.timesteps.tolist(),
+                "prompt_switch": cfg.prompt_switch, "kv_cache_quant": cfg.kv_cache_quant,
+                "timesteps": s.timesteps.tolist(),
                 "sigmas": s.sigmas.tolist(), "renoise": s.renoise,
                 "arch": {"dim": arch.dim, "num_layers": arch.num_layers, "num_heads": arch.num_heads,
                          "out_dim": arch.out_dim, "text_len": arch.text_len}}

@@ -147,6 +147,8 @@ class RunConfig(BaseModel):
     # what a new prompt does to a session's cache: "recache" re-runs the clean pass of the frames the next block
     # sees under the new prompt (LongLive); "keep" keeps their K/V and swaps only the cross-attention
     prompt_switch: Literal["recache", "keep"] = "recache"
+    # the CausVid K/V cache in int8 with per-group scales (model/kvquant.py): half of bf16's bytes
+    kv_cache_quant: Literal["none", "int8"] = "none"
     # attention kernels by LightX2V's keys (model/kernels.py); a kernel that cannot run here fails the load
     self_attn_1_type: str = DEFAULT_KERNEL
     cross_attn_1_type: str = DEFAULT_KERNEL

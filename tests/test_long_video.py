@@ -209,3 +209,33 @@ def test_session_memory_is_flat_and_restore_is_bounded_by_the_window(base):
     for k in range(10):
         out = rerun.next_fragment(prompt=OTHER if k == 5 else None)
     assert torch.equal(follow.next_fragment(), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 K/V
+# --------------------------------------------------------------------------------------------------
+def test_int8_tokens_round_within_half_a_step_of_their_group():
+    from model.kvquant import Int8Tokens
+
+    x = torch.randn(2, 10, 3, 128) * torch.logspace(-3, 2, 10)[None, :, None, None]
+    buf = Int8Tokens((2, 16, 3, 128), torch.float32, "cpu")
+    buf[:, 3:13] = x
+    back = buf[:, 3:13]
+    bound = x.unflatten(-1, (2, 64)).abs().amax(-1, keepdim=True) / 254  # half of absmax/127, per group of 64
+    err = (back - x).unflatten(-1, (2, 64)).abs()
+    assert (err <= bound * (1 + 1e-5)).all()
+    assert buf.nbytes() / (2 * 16 * 3 * 128 * 2) == pytest.approx(0.5 + 2 / 64)  # vs bf16
+
+
+def test_int8_cache_session_stays_close_and_quarters_fp32_bytes(base):
+    over = dict(attention_window=6, sink_frames=2)
+    full = run_blocks(pipe_with(base, **over), 4)
+    quant = run_blocks(pipe_with(base, **over, kv_cache_quant="int8"), 4)
+    ref, got = full.latents(), quant.latents()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"int8 K/V: session latents relative error {rel:.2e}, max |diff| {(got - ref).abs().max().item():.2e}; "
+          f"cache {quant.cache.nbytes()} B vs {full.cache.nbytes()} B fp32")
+    assert 0 < rel <= 1e-3
+    # head_dim 24 < 64: one group per head, a 4-byte scale per 24 int8 values; the sink's kept copy stays fp32
+    sink = sum(layer.k_sink.numel() * 4 for layer in full.cache.layers)
+    assert quant.cache.nbytes() - sink == pytest.approx((full.cache.nbytes() - sink) * (1 + 4 / 24) / 4)
