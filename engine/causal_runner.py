@@ -170,9 +170,6 @@ class CausalRunner:
         first = entry.call_first_block
         return entry.session.decoded_blocks(first + since, first + entry.call_blocks)
 
-    def video(self, session_id: str) -> np.ndarray:
-        return self._entry(session_id).session.video()
-
     def state(self, session_id: str) -> dict[str, Any]:
         return self._entry(session_id).session.state_dict()
 
@@ -243,7 +240,8 @@ class CausalRunner:
     @torch.no_grad()
     def restore(self, session_id: str, state: dict[str, Any], replace: bool = False, progress=None) -> dict[str, Any]:
         """Rebuild a session from rank 0's `state()` (made by any group size: the state holds no shard):
-        decodes the video again on rank 0 and replays each block's clean pass on every rank."""
+        resumes rank 0's streaming decoder from its last blocks and replays the clean passes the cache still
+        depends on, on every rank (bounded by the window, not by the video's length)."""
         with self._table:
             if session_id in self.sessions and not replace:
                 raise SessionExists(f"session {session_id!r} is already open; restore with replace=True to rebuild it")
@@ -256,7 +254,7 @@ class CausalRunner:
             session = self._track(CausalSession.restore(self.pipe, state, rank0_progress(self.group, progress)))
         self.group.phase = "idle"
         with self._table:
-            self.sessions[session_id] = SessionEntry(session)
+            self.sessions[session_id] = SessionEntry(session, call_first_block=session.blocks)
         return self.info(session_id)
 
     def offload(self, session_id: str) -> dict[str, Any]:

@@ -103,9 +103,6 @@ class SPWorker:
     def session_info(self, session_id: str) -> dict:
         return self._sessions().info(session_id)
 
-    def session_video(self, session_id: str) -> np.ndarray:
-        return self._sessions().video(session_id)
-
     def session_state(self, session_id: str) -> dict:
         return self._sessions().state(session_id)
 

@@ -211,11 +211,6 @@ class SPWorkerGroup:
         return [{**item, "cache_bytes_per_rank": per_rank[item["session_id"]],
                  "cache_bytes_total": sum(per_rank[item["session_id"]])} for item in lists[0]]
 
-    def session_video(self, session_id: str, timeout: float | None = 60.0) -> np.ndarray:
-        """The whole video so far, uint8 [T, H, W, 3] (rank 0 keeps the decoded frames)."""
-        self._require_sessions()
-        return self._on_actors(self.actors[:1], "session_video", session_id, timeout=timeout)[0]
-
     def session_state(self, session_id: str, timeout: float | None = None) -> dict:
         """`CausalSession.state_dict()` (CPU tensors and plain values; torch.save-able; no shard of any cache):
         what the router stores to rebuild the session later, here or in a group of any size. Taken between
@@ -228,8 +223,9 @@ class SPWorkerGroup:
     def restore_session(self, session_id: str, state: dict, replace: bool = False,
                         timeout: float | None = None) -> dict:
         """Rebuild a session from `session_state` (after eviction or the loss of the replica that had it):
-        rank 0 decodes the video again and every rank replays each block's clean pass (one DiT forward per
-        block), so the next fragment is the one the original would have made. InvalidSessionState if the
+        rank 0 resumes its streaming decoder from the last blocks and every rank replays the clean passes its cache
+        still depends on (one DiT forward each, bounded by the window), so the next fragment is the one the
+        original would have made. InvalidSessionState if the
         state does not fit this model/config; SessionExists if the id is open (replace=True rebuilds it)."""
         self._require_sessions()
         self._on_every_rank("restore_session", (session_id, state, replace), timeout=timeout)

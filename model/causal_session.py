@@ -103,8 +103,9 @@ class CausalSession:
 
     @property
     def fragment_first_block(self) -> int:
-        """Session index of the first block of the fragment being made, or of the last one finished."""
-        return self._fragment_first
+        """Session index of the first block of the fragment being made, or of the last one finished, whose frames
+        the session still has (a session restored mid-fragment has only the blocks made since)."""
+        return max(self._fragment_first, self._frames_first)
 
     def _whole(self, what: str) -> None:
         if not self.history:

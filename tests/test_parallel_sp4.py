@@ -52,7 +52,7 @@ def sp4_worker(rank, world_size, addr, port, model_root, port2):
 
     cfg = causvid_config("padded_window", seq_p_size=4, ulysses_degree=2, ring_degree=2)
     causal = CausalRunner(load_rank_pipeline(model_root, cfg, rank), group)
-    causal.open("s", PROMPT, 5)
+    causal.open("s", PROMPT, 5, history=True)  # the whole latents are compared below
     frames = [causal.next_fragment("s"), causal.next_fragment("s", prompt=OTHER)]
     out["causvid"] = {"latents": causal.sessions["s"].session.latents(),
                       "frames": None if rank else [f["frames"] for f in frames]}
@@ -112,7 +112,7 @@ def test_cfg_parallel_x_sp2_equals_serial_base_sampler(ranks, model_root):
 def test_causvid_ulysses2_x_ring2_equals_sp1(ranks, model_root):
     with torch_threads(1):
         pipe = CausVidPipeline.from_pretrained(model_root, causvid_config("padded_window"))
-        s = pipe.start_session(PROMPT, seed=5)
+        s = pipe.start_session(PROMPT, seed=5, history=True)
         s.next_fragment()
         s.next_fragment(prompt=OTHER)
     for r, out in enumerate(ranks):
