@@ -6,46 +6,26 @@ in fp32. The reference for positions is an independent cache written here: it ke
 copies the held frames into one tensor per block (the copy-based cache the ring replaces) and rotates them with
 the literal window-relative positions (sink at 0..S-1, the window right after it), float64 attention.
 """
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import reference_attention, tiny_dit, torch_threads
+from helpers import reference_attention, tiny_dit
+from test_causal import OTHER, PROMPT, WORDS, cfg_for, one_thread, pipe_with  # noqa: F401 (one_thread: autouse)
 
 from model.archs import TINY_T2V
 from model.causal import KVCache, SlotKV
 from model.causal_pipeline import CausVidPipeline
-from model.config import ConfigError, load_run_config
+from model.config import ConfigError
 from model.dit import ROPE_MAX_POSITIONS, apply_rope, time_shift
 from model.pipeline import RequestError
 from model.tiny import write_tiny_model
 
-ROOT = Path(__file__).parent.parent
-TINY_CFG = ROOT / "configs" / "tiny" / "causvid_t2v.json"
-WORDS = "a red blue square circle moving left right".split()
-PROMPT, OTHER = "a red square moving left", "a blue circle moving right"
 TOL = 1e-5  # fp32 against the float64 reference
-
-
-def cfg_for(**over):
-    return load_run_config({**json.loads(TINY_CFG.read_text()), **over}, model_cls="wan2.1_causvid")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = write_tiny_model(tmp_path_factory.mktemp("long"), "t2v", words=WORDS, causal=tiny_dit(TINY_T2V, seed=23))
     return CausVidPipeline.from_pretrained(root, cfg_for())
-
-
-def pipe_with(base, **over):
-    return CausVidPipeline(base.dit, base.text_encoder, base.vae, cfg_for(**over), base.device)
 
 
 # --------------------------------------------------------------------------------------------------

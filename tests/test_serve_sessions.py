@@ -207,6 +207,68 @@ def test_one_call_causvid_video(api, tmp_path):
     assert r.status_code == 400 and "covers 2 fragments" in r.json()["error"]["message"]
 
 
+def test_web_session_panel_in_headless_chromium(env, api, tmp_path):
+    """The web page's session panel in headless Chromium (tests/cdp.py), as a user drives it: open a session,
+    "Next fragment", then "Switch" to another prompt; each fragment's blocks stream in and play, then the whole
+    video so far, which grows by the fragment (frames and duration on the page, frames and prompts in the API);
+    "Close" deletes the session. Screenshot to out/serve_web_session.png."""
+    from cdp import Browser, find_chromium
+    from serve_support import REPO
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    fps = next(m["fps"] for m in api.get("/v1/models").json()["data"] if m["id"] == MODEL)
+    video = "document.getElementById('session-video')"
+    sid = None
+    try:
+        with Browser(tmp_path / "profile") as b:
+            b.goto(env["url"] + "/")
+            b.wait_for("!document.getElementById('session-form').hidden", 15)
+            assert b.js("document.getElementById('session-none').hidden")
+            assert b.js("document.getElementById('session-model').value") == MODEL
+            b.type_into("#session-prompt", "a paper boat on the river")
+            b.type_into("#session-size", "48x32")
+            b.type_into("#session-seed", "13")
+            b.click("#session-open")
+            sid = b.wait_for("document.getElementById('session-id').textContent", 60)
+            assert b.js("document.getElementById('session-form').hidden")
+            durations = [0.0]
+            for n, prompt in ((1, None), (2, "the boat reaches the sea")):
+                if prompt:
+                    b.type_into("#session-next-prompt", prompt)
+                    b.click("#session-switch")
+                else:
+                    b.click("#session-next")
+                b.wait_for(f"{video}.dataset.fragments === '{n}' && {video}.readyState >= 1", 120)
+                frames = int(b.js(f"{video}.dataset.frames"))
+                assert frames == sum(FRAGMENT_FRAMES[:n])
+                assert int(b.js("document.getElementById('session-card').dataset.frames")) == frames
+                assert int(b.js(f"{video}.dataset.liveBlocks")) == 3 * n  # every streamed block played first
+                duration = b.js(f"{video}.duration")
+                assert duration > durations[-1] and abs(duration - frames / fps) <= 1.5 / fps, (duration, frames)
+                durations.append(duration)
+                assert b.js(f"{video}.error") is None and b.js(f"{video}.videoWidth") == 48
+                b.wait_for(f"{video}.currentTime > 0", 10)  # it plays
+                info = api.get(f"/v1/sessions/{sid}").json()
+                assert info["fragments"] == n and info["frames"] == frames, info
+            rows = b.js("[...document.querySelectorAll('#session-fragments tbody tr')]"
+                        ".map((tr) => [...tr.cells].map((td) => td.textContent))")
+            assert [r[1] for r in rows] == ["a paper boat on the river", "the boat reaches the sea"]
+            assert [r[3] for r in rows] == [str(f) for f in FRAGMENT_FRAMES] and all(r[5] == "completed" for r in rows)
+            jobs = [api.job(j) for j in info["jobs"]]
+            assert [j["prompt"] for j in jobs][1] == "the boat reaches the sea" and [j["blocks"] for j in jobs] == [3, 3]
+            whole = decode(api.get(f"/v1/sessions/{sid}/video").content, tmp_path)
+            assert whole.shape == (sum(FRAGMENT_FRAMES), 32, 48, 3)
+            shot = b.screenshot(REPO / "out" / "serve_web_session.png")
+            b.click("#session-close")
+            b.wait_for("!document.getElementById('session-form').hidden", 15)
+        assert shot.stat().st_size > 5000
+        assert api.get(f"/v1/sessions/{sid}").json()["status"] == "closed"
+    finally:
+        if sid:
+            api.delete(f"/v1/sessions/{sid}")
+
+
 def test_fifty_sessions_leave_nothing_behind(api, tmp_path):
     def alive_actors() -> int:
         return sum(1 for a in ray._private.state.actors().values() if a["State"] == "ALIVE")
