@@ -21,7 +21,7 @@ import torch
 
 from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline, fragment_prompts
 from model.config import ConfigError
-from model.pipeline import Cancelled, Generation, Request, RequestError, StageTimer, check_prompt
+from model.pipeline import Cancelled, Generation, Request, RequestError, StageTimer
 from parallel.causal import attach
 from parallel.group import Group
 
@@ -328,7 +328,8 @@ class CausalRunner:
         if request.image is not None:
             raise RequestError("CausVid is text-to-video only: an image was given (use an i2v model)")
         schedule = request.prompt_schedule
-        prompts = fragment_prompts(request.prompt, schedule, None if schedule else pipe.cfg.num_fragments)
+        prompts = fragment_prompts(request.prompt, schedule, None if schedule else pipe.cfg.num_fragments,
+                                   pipe.cfg.max_prompt_chars)
         n = len(prompts)
         pipe.check_length(n)
         frames = 1 + 4 * (n * pipe.cfg.num_frames - 1)
@@ -336,7 +337,5 @@ class CausalRunner:
             raise RequestError(f"frames = {request.frames}: a CausVid video is num_fragments x num_frames latent "
                                f"frames ({n} x {pipe.cfg.num_frames} = {frames} frames); change num_fragments in the "
                                "config, or use a session to grow a video fragment by fragment")
-        for p in prompts:
-            check_prompt(p, pipe.cfg.max_prompt_chars)
         seed, height, width = pipe.check_request(request.seed, request.height, request.width)
         return request.prompt, seed, height, width, prompts

@@ -30,14 +30,21 @@ from .validation import validated
 __all__ = ["BlockOutput", "CausalSession", "CausVidPipeline", "check_causvid", "fragment_prompts"]
 
 
-def fragment_prompts(prompt: str, schedule: list | None, fragments: int | None = None) -> list[str]:
+def fragment_prompts(prompt: str, schedule: list | None, fragments: int | None = None,
+                     max_chars: int | None = None) -> list[str]:
     """The prompt of every fragment of a one-call CausVid video: `prompt` throughout, or a schedule of spans
     [(prompt, fragments), ...] (or {"prompt", "fragments"} dicts) run in order, the prompt switching between
     them (a re-cache each, `prompt_switch`). With a schedule `prompt` must be its first prompt, and `fragments`
-    (if given) its total. A RequestError says what does not fit."""
-    if not schedule:
-        n = 1 if fragments is None else fragments
-        return [prompt] * n
+    (if given) its total; with `max_chars` every prompt passes `check_prompt`. A RequestError says what does not
+    fit."""
+    out = [prompt] * (1 if fragments is None else fragments) if not schedule else _spans(prompt, schedule, fragments)
+    if max_chars is not None:
+        for p in dict.fromkeys(out):
+            check_prompt(p, max_chars)
+    return out
+
+
+def _spans(prompt: str, schedule: list, fragments: int | None) -> list[str]:
     out: list[str] = []
     for i, span in enumerate(schedule):
         pair = ((span.get("prompt"), span.get("fragments")) if isinstance(span, dict)
@@ -171,9 +178,7 @@ class CausVidPipeline:
         n = num_fragments if num_fragments is not None or prompt_schedule else self.cfg.num_fragments
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise RequestError(f"num_fragments = {n!r}: must be an integer >= 1")
-        prompts = fragment_prompts(prompt, prompt_schedule, n)
-        for p in prompts:
-            check_prompt(p, self.cfg.max_prompt_chars)
+        prompts = fragment_prompts(prompt, prompt_schedule, n, self.cfg.max_prompt_chars)
         n = len(prompts)
         self.check_length(n)
         t0 = time.perf_counter()

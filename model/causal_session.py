@@ -318,15 +318,23 @@ class CausalSession:
         """LongLive's re-cache at a prompt switch: a fresh cache primed with the clean latents of `blocks` under the
         current prompt (exactly a new session primed with them), so the old prompt leaves the self-attention K/V
         too; positions restart at 0 (relative positions: the same attention)."""
+        p, bf = self._prompts.index(self.prompt), self.block_frames
+        self._ops = [(b, i * bf, p) for i, b in enumerate(blocks)]
+        self._pos = len(blocks) * bf
         self.cache.reset()
-        self._ops, self._pos = [], 0
-        p = self._prompts.index(self.prompt)
-        for b in blocks:
-            self.pipe.causal.forward_block(self._latents[b][None].to(self.pipe.device), torch.zeros(1), self._pos,
-                                           self.cache, ctx_kv, output=False)
-            self._ops.append((b, self._pos, p))
-            self._pos += self.block_frames
+        for _ in self._clean_passes(self._ops, lambda _: ctx_kv):
             self._count(counter, progress)
+
+    def _clean_passes(self, ops: list[Op], context: Callable[[int], list]):
+        """Run the clean (t = 0) passes `ops` into the cache in order, prompt p's cross-attention K/V from
+        `context(p)`; a gap before an op is declared with `KVCache.skip_to`. Yields after each pass."""
+        causal, device = self.pipe.causal, self.pipe.device
+        for b, frame, p in ops:
+            if frame > self.cache.end:
+                self.cache.skip_to(frame)
+            causal.forward_block(self._latents[b][None].to(device), torch.zeros(1), frame, self.cache, context(p),
+                                 output=False)
+            yield
 
     def _keep_block(self, fragment: int, latents: torch.Tensor, video: torch.Tensor | None) -> BlockOutput:
         out = BlockOutput(fragment, self.blocks, self.latent_frames, self.frames, video, latents)
@@ -449,19 +457,18 @@ class CausalSession:
         """Re-run the clean passes the cache holds (`_ops`), in order, each under its own prompt, exactly as they
         first ran; frames pruned before them are skipped (`KVCache.skip_to`). Nothing at a "last_block" fragment
         boundary: the next fragment re-anchors anyway."""
-        causal = self.pipe.causal
         last_block_boundary = self.pipe.cfg.fragment_continuation == "last_block" and self._partial == 0
         plan = [] if last_block_boundary else self._ops
         self.cache.reset()
         self.cache.reserve(self._pos)
         contexts: dict[int, list] = {}
-        for i, (b, frame, p) in enumerate(plan):
+
+        def context(p: int) -> list:
             if p not in contexts:
-                contexts[p] = causal.context_kv(self.pipe.encode_prompt(self._prompts[p]))
-            if frame > self.cache.end:
-                self.cache.skip_to(frame)
-            causal.forward_block(self._latents[b][None].to(self.pipe.device), torch.zeros(1), frame, self.cache,
-                                 contexts[p], output=False)
+                contexts[p] = self.pipe.causal.context_kv(self.pipe.encode_prompt(self._prompts[p]))
+            return contexts[p]
+
+        for i, _ in enumerate(self._clean_passes(plan, context)):
             self.nfe += 1
             if progress:
                 progress(Progress("dit", i + 1, len(plan)))

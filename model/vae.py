@@ -291,11 +291,10 @@ class StreamDecoder:
         self.feat_cache: list = [None] * n  # one slot per causal conv; upsample3d's first slot holds "Rep"
         self.latent_frames = 0  # decoded so far
         self._shape: tuple[int, ...] | None = None  # (B, h, w): the cache holds one video
+        # how many latent frames `resume` needs (`decoder_history`): 38 for every Wan2.1 VAE release; walked once
+        # here, not on every block a session prunes after
+        self.history_frames = decoder_history(vae.model.decoder)
 
-    @property
-    def history_frames(self) -> int:
-        """How many latent frames `resume` needs (`decoder_history`): 38 for every Wan2.1 VAE release."""
-        return decoder_history(self.vae.model.decoder)
 
     def _frames(self, latents: torch.Tensor):
         """Each latent frame's raw decoder output in turn, advancing the cache."""
