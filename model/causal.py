@@ -19,7 +19,7 @@ from .kvquant import Int8Tokens
 from .dit import ROPE_MAX_POSITIONS, WanModel, apply_rope, rope_freqs, time_shift
 
 __all__ = ["ROPE_MAX_POSITIONS", "KVCache", "SlotKV", "LayerKV", "cache_attention", "block_causal_mask", "CausalDiT",
-           "tensor_bytes", "CacheFactory", "local_cache"]
+           "tensor_bytes", "CacheFactory", "local_cache", "window_relative", "prefix_attention"]
 
 
 def tensor_bytes(tensors) -> int:
@@ -156,6 +156,12 @@ class LayerKV(SlotKV):
         return self.k[:, :n], self.v[:, :n]
 
 
+def window_relative(window: int | None, positions: str) -> bool:
+    """Are positions window-relative, so without an end? (`rope_positions` "relative" with a window; else they end
+    at RoPE's table.)"""
+    return positions == "relative" and window is not None
+
+
 class KVCache:
     """The self-attention K/V of one video, for every layer, in frame-granular slots.
 
@@ -178,6 +184,7 @@ class KVCache:
     """
 
     layer_cls = LayerKV  # the ring cache (parallel/causal.py) brings its own
+    batches = True  # can one forward write several blocks (`begin(..., blocks)`)? The ring cache cannot
 
     def __init__(self, num_layers: int, window: int | None = None, sink: int = 0, positions: str = "relative"):
         if window is not None and (window < 1 or not 0 <= sink < window):
@@ -187,7 +194,7 @@ class KVCache:
         if positions not in ("relative", "absolute"):
             raise ValueError(f"positions = {positions!r}: 'relative' or 'absolute'")
         self.window, self.sink = window, sink
-        self.relative = positions == "relative" and window is not None
+        self.relative = window_relative(window, positions)
         self.quant = "none"  # "int8": per-group int8 K/V (model/kvquant.py), set before the first write
         self.layers = [self.layer_cls(self) for _ in range(num_layers)]
         self.capacity = window or 0  # frames the buffers hold
@@ -198,6 +205,7 @@ class KVCache:
         """Forget every frame. Buffers are kept (nothing stale is ever read: reads stop at `held`)."""
         self.end = 0  # frames [0, end) have been written
         self.block: tuple[int, int] | None = None  # (start, frames) of the block being written
+        self.block_count = 1  # blocks in that write (> 1: a batched clean pass, `can_batch`)
 
     @property
     def bounded(self) -> bool:
@@ -262,9 +270,24 @@ class KVCache:
         if self.window is None and frames > self.capacity:
             self.capacity = frames
 
-    def begin(self, start: int, frames: int) -> None:
-        """The next forward writes frames [start, start+frames): the current block again, or the next one."""
-        if self.block == (start, frames):
+    def can_batch(self, start: int, frames: int) -> bool:
+        """Can the clean passes of frames [start, start + frames), consecutive blocks, run as one forward
+        (`begin(start, frames, blocks)`)? Only while nothing is evicted before the last of them is written, so
+        that each block sees every frame before its end, as block by block (the batch attends block by block over
+        those prefixes, `cache_attention`): a window that holds them all, the sink not moved yet. Without a window
+        never (the batch would be the whole video: activations of every frame at once)."""
+        return self.batches and self.window is not None and start == self.end and start + frames <= self.window
+
+    def begin(self, start: int, frames: int, blocks: int = 1) -> None:
+        """The next forward writes frames [start, start+frames): the current block again, or the next one; or
+        (blocks > 1) the next `blocks` blocks at once, clean passes only (`can_batch`)."""
+        if blocks > 1:
+            if not self.can_batch(start, frames):
+                raise ValueError(f"cache: {blocks} blocks at once (frames [{start}, {start + frames})) need a window "
+                                 f"that holds them all after frame {self.end}; window = {self.window}")
+            self.block, self.end, self.block_count = (start, frames), start + frames, blocks
+            return
+        if self.block == (start, frames) and self.block_count == 1:
             return  # a further denoising step / the clean pass of the same block: overwrite its slots
         if start != self.end:
             where = (f"the current block starts at frame {self.block[0]}" if self.block
@@ -275,6 +298,7 @@ class KVCache:
             raise ValueError(f"cache: a block of {frames} frames does not fit a window of {self.window} frames "
                              f"with {self.sink} sink frames")
         self.block = (start, frames)
+        self.block_count = 1
         self.end = start + frames
         if self.window is None:
             self.capacity = max(self.capacity, self.end)
@@ -301,7 +325,22 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: La
     """
     layer.write(k, v)
     keys, values = layer.view()
-    return kernel(q, keys, values)
+    return prefix_attention(q, keys, values, layer.cache.block_count, k.shape[1], kernel)
+
+
+def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: int, tokens: int,
+                     kernel: AttentionKernel = SDPA) -> torch.Tensor:
+    """The last `tokens` keys are `blocks` equal blocks, the queries' own, in order (a batched clean pass,
+    `KVCache.can_batch`): block i's queries attend to the keys up to its end, as they would block by block. Rows
+    of q past `tokens` (Ulysses' padding, discarded by the caller) attend to every key. One block: plain."""
+    if blocks == 1:
+        return kernel(q, keys, values)
+    step, past = tokens // blocks, keys.shape[1] - tokens
+    outs = [kernel(q[:, i * step:(i + 1) * step], keys[:, :past + (i + 1) * step], values[:, :past + (i + 1) * step])
+            for i in range(blocks)]
+    if q.shape[1] > tokens:
+        outs.append(kernel(q[:, tokens:], keys, values))
+    return torch.cat(outs, dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,11 +441,13 @@ class CausalDiT:
         return cached[1]
 
     def forward_block(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, cache: KVCache, context_kv: list,
-                      output: bool = True) -> torch.Tensor | None:
+                      output: bool = True, blocks: int = 1) -> torch.Tensor | None:
         """One block: x [B, C, f, H, W] latents at absolute latent frame `frame_start`, t [B] or [B, f].
 
         Writes the block's K/V into `cache` (overwriting the block's slots if it is the block being written)
         and returns the flow [B, C, f, H, W]; output=False skips the head (the clean cache-filling pass).
+        blocks > 1: x is that many consecutive blocks, their clean passes in one forward (`KVCache.can_batch`;
+        a re-cache primes a window so, in one forward instead of one per block).
         Under a sharded layout every rank of the SP group calls this together with the same x and t; each
         keeps its share of the K/V in its own `cache`, and each gets the whole flow back.
         """
@@ -418,6 +459,9 @@ class CausalDiT:
         if x.dim() != 5:
             raise ValueError(f"block latents must be [B, C, f, H, W]; got {tuple(x.shape)}")
         f = x.shape[2]
+        if blocks > 1 and (output or f != blocks * self.block_frames):
+            raise ValueError(f"a batched pass is clean passes only (output=False) of {blocks} blocks of "
+                             f"{self.block_frames} frames; got {f} frames, output={output}")
         if frame_start < 0 or (cache.bounded and frame_start + f > ROPE_MAX_POSITIONS):
             raise ValueError(f"block at latent frames [{frame_start}, {frame_start + f}): RoPE covers frames "
                              f"[0, {ROPE_MAX_POSITIONS}) only (without a window, or with absolute positions)")
@@ -429,7 +473,7 @@ class CausalDiT:
         tokens = layout.shard(tokens)  # records the block's global length (the padding the attention masks)
         if e.shape[1] > 1:
             e, e0 = layout.shard(e), layout.shard(e0)
-        cache.begin(frame_start, grid[0])
+        cache.begin(frame_start, grid[0], blocks)
         for blk, kv, layer in zip(dit.blocks, context_kv, cache.layers, strict=True):
             tokens = blk(tokens, e0, freqs, kv, lambda q, k, v, kern, layer=layer: self.attend(q, k, v, layer, kern))
         if not output:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import registry
-from .causal import ROPE_MAX_POSITIONS, CausalDiT
+from .causal import ROPE_MAX_POSITIONS, CausalDiT, window_relative
 from .causal_session import BlockOutput, CausalSession
 from .config import ConfigError, RunConfig
 from .dit import WanModel
@@ -129,7 +129,7 @@ class CausVidPipeline:
     def check_length(self, fragments: int) -> None:
         """Refuse a run of `fragments` fragments whose RoPE positions would pass the table's end."""
         cfg = self.cfg
-        unbounded = cfg.attention_window is not None and cfg.rope_positions == "relative"
+        unbounded = window_relative(cfg.attention_window, cfg.rope_positions)
         if cfg.fragment_continuation == "cache" and not unbounded and fragments * cfg.num_frames > ROPE_MAX_POSITIONS:
             raise RequestError(f"num_fragments = {fragments}: {fragments * cfg.num_frames} latent frames, beyond "
                                f"RoPE's {ROPE_MAX_POSITIONS} positions (at most "

@@ -69,6 +69,7 @@ class CausalSession:
         self._prompts = [prompt]  # every prompt used, in order of first use
         self._ops: list[Op] = []  # the clean passes in the cache since its last reset, oldest first, as far as it
         #                           still depends on them (`_prune`)
+        self._primed: tuple[int, int] | None = None  # cache frames [a, b) of _ops written in one forward (`_replay`)
         self._latents: dict[int, torch.Tensor] = {}  # session block -> clean latents [z, f, h, w], CPU float32
         self._frames: list[np.ndarray] = []  # decoded frames uint8 [T, H, W, 3] of blocks _frames_first.. (rank 0)
         self._frames_first = 0
@@ -213,8 +214,8 @@ class CausalSession:
         fragment, bf = self.fragments, self.block_frames
         todo = pipe.fragment_blocks(fragment) - self._partial
         anchor = fragment > 0 and self._partial == 0 and pipe.cfg.fragment_continuation == "last_block"
-        recache = self._recache_plan() if self._recache and not anchor else None
-        first = bf if anchor else (len(recache) * bf if recache is not None else self._pos)
+        recache = self._recache_ops(self._recache_plan()) if self._recache and not anchor else None
+        first = bf if anchor else (len(recache[0]) * bf if recache is not None else self._pos)
         if self.cache.bounded and first + todo * bf > ROPE_MAX_POSITIONS:
             raise RequestError(f"this session is at latent frame {first}; fragment {fragment + 1} would need frames up "
                                f"to {first + todo * bf}, beyond RoPE's {ROPE_MAX_POSITIONS} positions (Wan's RoPE "
@@ -227,7 +228,7 @@ class CausalSession:
                 self._frames_first = self._blocks
         timer = StageTimer(pipe.device)
         t0 = time.perf_counter()
-        total = todo * (len(pipe.sampler) + 1) + anchor + (len(recache) if recache else 0)
+        total = todo * (len(pipe.sampler) + 1) + anchor + (len(self._passes(*recache)) if recache else 0)
         counter = [0, total]
         with timer("text"):
             ctx_kv = self._context(progress)
@@ -241,7 +242,7 @@ class CausalSession:
         if recache:
             t1 = time.perf_counter()
             with timer("dit"):
-                self._replay(recache, ctx_kv, counter, progress)
+                self._replay(*recache, ctx_kv, counter, progress)
             timer.timings["recache"] = time.perf_counter() - t1
         self.cache.reserve(self._pos + todo * bf)
         outs = []
@@ -304,6 +305,7 @@ class CausalSession:
         self.pipe.causal.forward_block(self._latents[last][None].to(self.pipe.device), torch.zeros(1), 0, self.cache,
                                        ctx_kv, output=False)
         self._ops = [(last, 0, self._prompts.index(self.prompt))]
+        self._primed = None
         self._pos = self.block_frames
 
     def _recache_plan(self) -> list[int]:
@@ -314,26 +316,50 @@ class CausalSession:
         lo = self._pos + bf - (w - sink)  # the next block's first visible frame outside the sink
         return [b for b, frame, _ in self._ops if frame < sink or frame + bf > lo]
 
-    def _replay(self, blocks: list[int], ctx_kv: list, counter: list[int], progress: ProgressFn | None) -> None:
-        """LongLive's re-cache at a prompt switch: a fresh cache primed with the clean latents of `blocks` under the
-        current prompt (exactly a new session primed with them), so the old prompt leaves the self-attention K/V
-        too; positions restart at 0 (relative positions: the same attention)."""
-        p, bf = self._prompts.index(self.prompt), self.block_frames
-        self._ops = [(b, i * bf, p) for i, b in enumerate(blocks)]
-        self._pos = len(blocks) * bf
+    def _recache_ops(self, blocks: list[int]) -> tuple[list[Op], tuple[int, int] | None]:
+        """The re-cache of `blocks` under the current prompt from cache frame 0: its clean passes, and the frames
+        written in one forward (the blocks after the sink, when the cache batches; None: block by block). The sink
+        is written alone, as block by block, so its K/V (seen for ever) never depend on how a batch was shaped."""
+        p, bf, cache = self._prompts.index(self.prompt), self.block_frames, self.cache
+        ops = [(b, i * bf, p) for i, b in enumerate(blocks)]
+        start = next((frame for _, frame, _ in ops if frame >= cache.sink), None)
+        batched = start is not None and len(ops) * bf - start > bf and cache.batches and cache.window is not None
+        return ops, (start, len(ops) * bf) if batched else None
+
+    def _replay(self, ops: list[Op], primed: tuple[int, int] | None, ctx_kv: list, counter: list[int],
+                progress: ProgressFn | None) -> None:
+        """LongLive's re-cache at a prompt switch: a fresh cache primed with the clean latents of `ops` under the
+        current prompt (a new session primed with them, to float rounding where a batch ran), so the old prompt
+        leaves the self-attention K/V too; positions restart at 0 (relative positions: the same attention). The
+        frames after the sink run as one forward: a window's worth of clean passes for the price of about one."""
+        self._ops, self._primed = ops, primed
+        self._pos = len(ops) * self.block_frames
         self.cache.reset()
         for _ in self._clean_passes(self._ops, lambda _: ctx_kv):
             self._count(counter, progress)
 
+    def _passes(self, ops: list[Op], primed: tuple[int, int] | None) -> list[list[Op]]:
+        """`ops` grouped into the forwards that run them: the ops inside `primed` together, every other alone."""
+        out: list[list[Op]] = []
+        for op in ops:
+            inside = primed is not None and primed[0] <= op[1] < primed[1]
+            if inside and out and primed[0] <= out[-1][0][1] < primed[1]:
+                out[-1].append(op)
+            else:
+                out.append([op])
+        return out
+
     def _clean_passes(self, ops: list[Op], context: Callable[[int], list]):
-        """Run the clean (t = 0) passes `ops` into the cache in order, prompt p's cross-attention K/V from
-        `context(p)`; a gap before an op is declared with `KVCache.skip_to`. Yields after each pass."""
+        """Run the clean (t = 0) passes `ops` into the cache in order, as they first ran (`_primed` as one
+        forward), prompt p's cross-attention K/V from `context(p)`; a gap before an op is declared with
+        `KVCache.skip_to`. Yields after each forward."""
         causal, device = self.pipe.causal, self.pipe.device
-        for b, frame, p in ops:
+        for run in self._passes(ops, self._primed):
+            frame, p = run[0][1], run[0][2]
             if frame > self.cache.end:
                 self.cache.skip_to(frame)
-            causal.forward_block(self._latents[b][None].to(device), torch.zeros(1), frame, self.cache, context(p),
-                                 output=False)
+            x = torch.cat([self._latents[b] for b, _, _ in run], dim=1)[None].to(device)
+            causal.forward_block(x, torch.zeros(1), frame, self.cache, context(p), output=False, blocks=len(run))
             yield
 
     def _keep_block(self, fragment: int, latents: torch.Tensor, video: torch.Tensor | None) -> BlockOutput:
@@ -373,8 +399,13 @@ class CausalSession:
             return
         horizon = self.replay_horizon()
         if horizon is not None:
-            lo, sink = self.cache.end - horizon, self.cache.sink
-            self._ops = [op for op in self._ops if op[1] < sink or op[1] >= lo]
+            lo, sink, primed = self.cache.end - horizon, self.cache.sink, self._primed
+            # a batched pass is replayed whole: its ops stay while its last one is in reach
+            whole = primed is not None and primed[1] - self.block_frames >= lo
+            self._ops = [op for op in self._ops
+                         if op[1] < sink or op[1] >= lo or (whole and primed[0] <= op[1] < primed[1])]
+            if not whole:
+                self._primed = None
         keep = {b for b, _, _ in self._ops} | set(range(self._blocks - self._decoder_blocks(), self._blocks))
         for b in [b for b in self._latents if b not in keep]:
             del self._latents[b]
@@ -385,7 +416,8 @@ class CausalSession:
         video's length). No caches: they are rebuilt."""
         return {"format": STATE_FORMAT, "config": self.pipe.state_config(), "seed": self.seed,
                 "height": self.height, "width": self.width, "prompt": self.prompt, "prompts": list(self._prompts),
-                "ops": [list(op) for op in self._ops], "blocks": self._blocks, "pos": self._pos,
+                "ops": [list(op) for op in self._ops], "primed": list(self._primed) if self._primed else None,
+                "blocks": self._blocks, "pos": self._pos,
                 "recache": self._recache, "fragments": self.fragments, "partial": self._partial,
                 "latents": {b: t.clone() for b, t in self._latents.items()},
                 "decoder_blocks": self._decoder_blocks(),
@@ -423,6 +455,12 @@ class CausalSession:
         tail = range(max(0, blocks - int(state["decoder_blocks"])), blocks)
         if any(b not in lat for b in tail):
             raise ValueError("session state lacks the latest blocks' latents its decoder needs")
+        primed = state.get("primed")  # absent: a state from before batched re-caches (none ran)
+        if primed is not None:
+            bf = pipe.cfg.num_frame_per_block
+            inside = [(frame, p) for _, frame, p in state["ops"] if primed[0] <= frame < primed[1]]
+            if [f for f, _ in inside] != list(range(primed[0], primed[1], bf)) or len({p for _, p in inside}) != 1:
+                raise ValueError("session state: its batched re-cache does not match its cached blocks")
         return seed, height, width
 
     @classmethod
@@ -437,6 +475,7 @@ class CausalSession:
         s = cls(pipe, state["prompt"], seed, height, width, history=history)
         s._prompts = list(state["prompts"])
         s._ops = [tuple(int(x) for x in op) for op in state["ops"]]
+        s._primed = tuple(int(x) for x in state["primed"]) if state.get("primed") is not None else None
         s._latents = {int(b): t.float().clone() for b, t in state["latents"].items()}
         s._blocks, s._pos, s._recache = int(state["blocks"]), int(state["pos"]), bool(state["recache"])
         s.fragments, s._partial = int(state["fragments"]), int(state["partial"])
@@ -468,10 +507,11 @@ class CausalSession:
                 contexts[p] = self.pipe.causal.context_kv(self.pipe.encode_prompt(self._prompts[p]))
             return contexts[p]
 
+        passes = len(self._passes(plan, self._primed))
         for i, _ in enumerate(self._clean_passes(plan, context)):
             self.nfe += 1
             if progress:
-                progress(Progress("dit", i + 1, len(plan)))
+                progress(Progress("dit", i + 1, passes))
         if plan and self._pos > self.cache.end:
             raise ValueError(f"session state: its cache ends at frame {self.cache.end}, the next block is at "
                              f"{self._pos}")

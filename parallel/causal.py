@@ -83,6 +83,7 @@ class RingKVCache(KVCache):
         super().__init__(num_layers, window, sink, positions)
 
     layer_cls = RingLayerKV
+    batches = False  # each member holds its chunk of every block: a batch would shard the blocks together
 
     # ---- geometry --------------------------------------------------------------------------------
     def block_slot(self, block: int) -> int:
@@ -94,7 +95,9 @@ class RingKVCache(KVCache):
         if self.window is None:
             self.slots = max(self.slots, math.ceil(frames / self.block_frames))
 
-    def begin(self, start: int, frames: int) -> None:
+    def begin(self, start: int, frames: int, blocks: int = 1) -> None:
+        if blocks != 1:
+            raise ValueError("ring cache: one block per forward (each member caches its chunk of every block)")
         if frames != self.block_frames or start % self.block_frames:
             raise ValueError(f"ring cache: blocks of {self.block_frames} frames at multiples of {self.block_frames}; "
                              f"got {frames} frames at frame {start}")

@@ -158,6 +158,43 @@ def test_recache_equals_a_fresh_cache_primed_under_the_new_prompt(base):
     assert (other[0].latents - first[0].latents).abs().max().item() > 1e-3  # the old K/V did matter
 
 
+def test_batched_recache_equals_block_by_block(base):
+    """Window 8 with a 2-frame sink: a switch re-caches the sink and the two blocks after it, those two in one
+    forward (each block attending over its prefix); the next fragment equals the block-by-block re-cache's to
+    float rounding, for one forward fewer."""
+    pipe = pipe_with(base, attention_window=8, sink_frames=2)
+    outs, nfe = [], []
+    for batched in (True, False):
+        s = pipe.start_session(PROMPT, seed=8)
+        s.cache.batches = batched  # the ring cache's answer (parallel/causal.py): block by block
+        s.next_fragment()
+        before = s.nfe
+        outs.append(s.next_fragment(prompt=OTHER))
+        nfe.append(s.nfe - before)
+        assert s._primed == ((2, 6) if batched else None) and s.timings["recache"] > 0
+    assert nfe[0] == nfe[1] - 1
+    assert (outs[0] - outs[1]).abs().max().item() <= TOL
+    fresh = pipe.start_session(OTHER, seed=8)
+    fresh.next_fragment()
+    assert (outs[0] - fresh.next_fragment()).abs().max().item() > 1e-3  # the old video's latents did matter
+
+
+def test_restore_after_a_batched_recache_is_bit_for_bit(base):
+    """A state taken while the batch is in the cache's reach replays it as one forward (so the same bits), and
+    one taken after it fell out of reach forgets it; either way the next fragment is the uninterrupted one."""
+    pipe = pipe_with(base, attention_window=8, sink_frames=2, denoising_step_list=[999, 500])
+    live = pipe.start_session(PROMPT, seed=4)
+    live.next_fragment()
+    live.next_fragment(prompt=OTHER)
+    primed = []
+    for k in range(4):
+        state = live.state_dict()
+        primed.append(state["primed"])
+        prompt = PROMPT if k == 2 else None  # and a switch back from a restored session
+        assert torch.equal(pipe.restore_session(state).next_fragment(prompt=prompt), live.next_fragment(prompt=prompt))
+    assert primed[:2] == [[2, 6], [2, 6]] and primed[2] is None
+
+
 # --------------------------------------------------------------------------------------------------
 # Flat memory and a restore bounded by the window
 # --------------------------------------------------------------------------------------------------
