@@ -339,7 +339,11 @@ class CausalSession:
             self._count(counter, progress)
 
     def _passes(self, ops: list[Op], primed: tuple[int, int] | None) -> list[list[Op]]:
-        """`ops` grouped into the forwards that run them: the ops inside `primed` together, every other alone."""
+        """`ops` grouped into the forwards that run them: the ops inside `primed` together, every other alone (all
+        alone on a cache that cannot batch: a state from a Ulysses group restored on a ring, equal to float
+        rounding)."""
+        if not self.cache.batches:
+            primed = None
         out: list[list[Op]] = []
         for op in ops:
             inside = primed is not None and primed[0] <= op[1] < primed[1]
@@ -457,6 +461,8 @@ class CausalSession:
             raise ValueError("session state lacks the latest blocks' latents its decoder needs")
         primed = state.get("primed")  # absent: a state from before batched re-caches (none ran)
         if primed is not None:
+            if not (isinstance(primed, (list, tuple)) and len(primed) == 2):
+                raise ValueError("session state: 'primed' must be a [first, end) pair of cache frames or None")
             bf = pipe.cfg.num_frame_per_block
             inside = [(frame, p) for _, frame, p in state["ops"] if primed[0] <= frame < primed[1]]
             if [f for f, _ in inside] != list(range(primed[0], primed[1], bf)) or len({p for _, p in inside}) != 1:
