@@ -23,7 +23,6 @@ from .pipeline import CancelFn, Cancelled, Progress, ProgressFn, RequestError, S
 from .video import to_uint8, write_mp4
 
 
-
 @dataclass
 class BlockOutput:
     """One finished block, as handed to `on_block`."""

@@ -295,7 +295,6 @@ class StreamDecoder:
         # here, not on every block a session prunes after
         self.history_frames = decoder_history(vae.model.decoder)
 
-
     def _frames(self, latents: torch.Tensor):
         """Each latent frame's raw decoder output in turn, advancing the cache."""
         model = self.vae.model
