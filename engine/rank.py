@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 
 from model.config import RunConfig
+from model.pipeline import load_vae
 from model.quant import fp8_compute_mode
 from model.registry import MODEL_CLASSES, model_class
 from parallel.group import Group
 
 from .causal_runner import CausalRunner
-from .runner import ParallelRunner
+from .runner import ParallelRunner, split_vae
 
 
 def has_sessions(cfg: RunConfig) -> bool:
@@ -27,10 +28,14 @@ def session_model_classes() -> str:
 
 def load_rank_pipeline(model_path: str | Path, cfg: RunConfig, rank: int, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = None, lora_roots=None):
-    """Rank 0: the whole pipeline of `cfg.model_cls`; other ranks: its DiT only (they never encode or decode)."""
+    """Rank 0: the whole pipeline of `cfg.model_cls`; other ranks: its DiT, and its VAE where the group splits the
+    VAE (`split_vae`; they never encode text or images)."""
     pipeline = model_class(cfg.model_cls).pipeline_class()
-    return pipeline.from_pretrained(model_path, cfg, device=device, dtype=dtype, lora_roots=lora_roots,
+    pipe = pipeline.from_pretrained(model_path, cfg, device=device, dtype=dtype, lora_roots=lora_roots,
                                     denoise_only=rank != 0)
+    if rank != 0 and split_vae(cfg):
+        pipe.vae = load_vae(model_path, device)
+    return pipe
 
 
 def runtime_info(runner: CausalRunner | ParallelRunner) -> dict:

@@ -15,17 +15,26 @@ from model.attention import LOCAL, TokenLayout
 from model.compile import clip_tokens, warm_up
 from model.config import ConfigError
 from model.kernels import KernelError
-from model.pipeline import Cancelled, Conditioning, Generation, Progress, Request, RequestError, StageTimer, WanPipeline
+from model.pipeline import (Cancelled, Conditioning, Generation, Progress, Request, RequestError, StageTimer, WanPipeline,
+                            i2v_video)
 from parallel.attention import CommStats, SequenceParallelLayout, load_usp
 from parallel.fsdp import shard_dit
 from parallel.group import Group, GroupLayout
+from parallel.vae import SplitVAE
 
 from .protocol import RemoteError, collective_cancel, rank0_progress, share_result, share_tensors
 
 
+def split_vae(cfg) -> bool:
+    """Does this config split the VAE over its group (parallel.vae_parallel, a group of more than one rank)?"""
+    p = cfg.parallel
+    return p is not None and p.vae_parallel and GroupLayout.from_parallel(p).world_size > 1
+
+
 def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
     """What both runners check and attach: the config's layout is the group's, rank 0 holds the whole pipeline
-    (it encodes and decodes), and the DiT shards its tokens over the SP group (one process: LOCAL)."""
+    (it encodes and decodes), the DiT shards its tokens over the SP group (one process: LOCAL), and under
+    `split_vae` every rank's VAE becomes its row band of one `SplitVAE` over the whole group."""
     expected = GroupLayout.from_parallel(pipe.cfg.parallel)
     if expected != group.layout:
         raise ConfigError(f"the config's parallel layout {expected} does not match the group's {group.layout}")
@@ -43,6 +52,12 @@ def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
             raise KernelError(f"parallel.sp_backend = {backend}: runs on CUDA only; this rank is on {pipe.device}")
         layout.attn._usp = load_usp(backend, kernel.name, group.ulysses, group.ring)
     pipe.dit.layout = layout
+    if split_vae(pipe.cfg):
+        if pipe.vae is None:
+            raise ConfigError(f"parallel.vae_parallel: rank {group.rank} has no VAE; load it with "
+                              "engine.rank.load_rank_pipeline (it loads the VAE on every rank)")
+        if not isinstance(pipe.vae, SplitVAE):
+            pipe.vae = SplitVAE(pipe.vae, dist.group.WORLD, group.rank, group.world_size)
     return stats, layout
 
 
@@ -103,6 +118,23 @@ class ParallelRunner:
         cond, uncond = parts
         return uncond + self.pipe.cfg.sample_guide_scale * (cond - uncond), 2
 
+    def _image_latent(self, request: Request | None, timer: StageTimer) -> tuple[Request | None, torch.Tensor]:
+        """Split VAE, I2V: rank 0 checks the request and crops the first frame (or shares its error), every rank
+        encodes its rows of the conditioning video, every rank gets the whole latent."""
+        group, pipe = self.group, self.pipe
+        req, first, error = None, None, None
+        if group.rank == 0:
+            try:
+                req = pipe.check(request)
+                first = pipe.i2v_first_frame(req)
+            except Exception as e:  # forwarded, not swallowed: every rank raises it (engine/protocol.py)
+                error = e
+        shared, frames = share_tensors(group, {"first": first} if error is None and first is not None else None,
+                                       req.frames if req is not None else None, error)
+        with timer("image"):
+            video = i2v_video(shared["first"].float().cpu(), frames)[None].to(pipe.device)
+            return req, pipe.vae.encode(video)[0]
+
     # ---- the job ----
     def generate(self, request: Request | None = None, progress=None, cancel=None) -> Generation | None:
         """Run one generation on this rank. Rank 0 needs the request and returns the `Generation`; the other
@@ -115,11 +147,13 @@ class ParallelRunner:
         on_step = rank0_progress(group, progress)
         with group.watch("generation", benign=self.BENIGN):
             group.phase = "encode"
-            cond, req = None, None
+            cond, req, latent = None, None, None
+            if isinstance(pipe.vae, SplitVAE) and pipe.cfg.task == "i2v":
+                req, latent = self._image_latent(request, timer)
             if group.rank == 0:
                 try:
-                    req = pipe.check(request)
-                    cond = pipe.encode(req, timer, on_step)
+                    req = req if req is not None else pipe.check(request)
+                    cond = pipe.encode(req, timer, on_step, image_latent=latent)
                 except Exception as e:  # forwarded, not swallowed: every rank raises it (engine/protocol.py)
                     self.share_conditioning(None, e)
             with timer("broadcast"):
@@ -127,11 +161,18 @@ class ParallelRunner:
             with timer("dit"):
                 latents, nfe = pipe.denoise(cond, on_step, collective_cancel(group, cancel), guidance=self.guidance)
             timer.timings["communication"] = self.stats.seconds
+            if isinstance(pipe.vae, SplitVAE):  # every rank decodes its band, rank 0 gets the video
+                group.phase = "decode"
+                with timer("vae"):
+                    video = pipe.vae.decode(latents.to(pipe.device))
             group.phase = "idle"
         if group.rank != 0:
             return None
-        with timer("vae"):
-            video = pipe.decode(latents)
+        if not isinstance(pipe.vae, SplitVAE):
+            with timer("vae"):
+                video = pipe.decode(latents)
+        else:
+            video = video[0].cpu()
         on_step(Progress("vae", 1, 1))
         group.phase = "idle"
         timer.timings["total"] = time.perf_counter() - t0

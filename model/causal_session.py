@@ -203,7 +203,7 @@ class CausalSession:
                       on_block: Callable[[BlockOutput], None] | None = None) -> torch.Tensor:
         """Generate the next fragment (or the rest of an interrupted one); returns its frames [3, T, H, W] float32
         in [-1, 1] on CPU. Each block is decoded and handed to `on_block` as soon as it is finished.
-        A session without a decoder (a rank > 0 under SP) denoises the same blocks and returns None."""
+        A session that decodes no frames (a rank > 0 under SP) denoises the same blocks and returns None."""
         pipe = self.pipe
         if not _same_device(self.device, pipe.device):
             raise RuntimeError(f"session caches are on {self.device}; move them back with session.to("
@@ -257,7 +257,8 @@ class CausalSession:
             video = None
             if self._decoder is not None:
                 with timer("vae"):
-                    video = self._decoder.decode(x0)[0].cpu()
+                    decoded = self._decoder.decode(x0)  # None on a rank > 0 of a split VAE (parallel/vae.py)
+                video = decoded[0].cpu() if decoded is not None else None
             out = self._keep_block(fragment, x0[0].cpu(), video)
             outs.append(video)
             timer.timings.setdefault("first_block", time.perf_counter() - t0)
@@ -272,7 +273,7 @@ class CausalSession:
         self.fragments += 1
         timer.timings["total"] = time.perf_counter() - t0
         self.timings = timer.timings
-        return torch.cat(outs, dim=1) if self._decoder is not None else None
+        return None if any(v is None for v in outs) else torch.cat(outs, dim=1)
 
     def _count(self, counter: list[int], progress: ProgressFn | None) -> None:
         self.nfe += 1

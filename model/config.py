@@ -47,6 +47,9 @@ class ParallelConfig(BaseModel):
     # wanserve: who runs the sequence-parallel attention of the bidirectional forward: wanserve's own Ulysses x
     # ring (with the configured self_attn_1_type kernel), or xDiT's / yunchang's LongContextAttention (CUDA)
     sp_backend: Literal["wanserve", "xfuser", "yunchang"] = "wanserve"
+    # wanserve: the VAE decode (and I2V encode) split by rows over every rank of the group (parallel/vae.py),
+    # on whenever the group has more than one rank; false: rank 0 decodes alone
+    vae_parallel: bool = True
 
     @model_validator(mode="after")
     def _check(self):

@@ -167,6 +167,11 @@ def center_crop_resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(img[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
 
 
+def i2v_video(first: torch.Tensor, frames: int) -> torch.Tensor:
+    """What I2V encodes: the first frame [3, h, w], then frames - 1 black (zero) frames: [3, frames, h, w]."""
+    return torch.cat([first[:, None], first.new_zeros(3, frames - 1, *first.shape[1:])], dim=1)
+
+
 def i2v_mask(frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
     """[4, F_lat, lat_h, lat_w]: 1 for the given first pixel frame, 0 for frames to generate (Wan's layout:
     channel k of latent frame t stands for pixel frame 4t+k-3)."""
@@ -219,8 +224,16 @@ class WanPipeline:
         return Request(req.prompt, req.negative_prompt, req.image, merged.seed, merged.target_video_length,
                        merged.target_height, merged.target_width)
 
-    def encode(self, req: Request, timer: StageTimer | None = None, progress: ProgressFn | None = None) -> Conditioning:
-        """Text (+ negative prompt under CFG), and for I2V the CLIP tokens and the VAE latent of the first frame."""
+    def i2v_first_frame(self, req: Request) -> torch.Tensor:
+        """I2V: the request's image as the VAE encodes it, [3, h, w] in [-1, 1] at the size `i2v_size` picks."""
+        img = image_to_tensor(req.image)
+        h, w = i2v_size(tuple(img.shape[1:]), req.height, req.width, self.cfg.extras.get("resize_mode", "fixed"))
+        return center_crop_resize(img, h, w)
+
+    def encode(self, req: Request, timer: StageTimer | None = None, progress: ProgressFn | None = None,
+               image_latent: torch.Tensor | None = None) -> Conditioning:
+        """Text (+ negative prompt under CFG), and for I2V the CLIP tokens and the VAE latent of the first frame
+        (`image_latent`: that latent, encoded already, by a split VAE)."""
         self._need_codecs("encode")
         timer = timer or StageTimer(self.device)
         cfg, arch = self.cfg, self.arch
@@ -238,9 +251,9 @@ class WanPipeline:
                 img = image_to_tensor(req.image)
                 h, w = i2v_size(tuple(img.shape[1:]), req.height, req.width, cfg.extras.get("resize_mode", "fixed"))
                 clip_fea = self.image_encoder.encode(img[None])
-                first = center_crop_resize(img, h, w)
-                pixels = torch.cat([first[:, None], torch.zeros(3, req.frames - 1, h, w)], dim=1)
-                lat = self.vae.encode(pixels[None].to(self.device))[0]
+                lat = image_latent
+                if lat is None:
+                    lat = self.vae.encode(i2v_video(center_crop_resize(img, h, w), req.frames)[None].to(self.device))[0]
                 y = torch.cat([i2v_mask(req.frames, h // 8, w // 8).to(lat), lat])[None]
             if progress:
                 progress(Progress("image", 1, 1))
@@ -348,11 +361,18 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
         return dit, None, None, None
     text = TextEncoder.load(folder, archs.t5, archs.tokenizer_dir, text_len=dit.arch.text_len, dtype=dtype,
                             device=device, quant_scheme=cfg.t5_quant_scheme if cfg.t5_quantized else None)
-    vae = WanVAE.load(folder, None if folder.diffusers else archs.vae, dtype=torch.float32, device=device)
+    vae = load_vae(folder, device)
     image = (ImageEncoder.load(folder, archs.clip, dtype=dtype, device=device,
                                quant_scheme=cfg.clip_quant_scheme if cfg.clip_quantized else None)
              if cfg.task == "i2v" else None)
     return dit, text, vae, image
+
+
+def load_vae(folder: ModelFolder | str | Path, device: str | torch.device = "cpu") -> WanVAE:
+    """The model folder's VAE in fp32 (its architecture: vae/config.json, else wanserve.json, else the release)."""
+    folder = folder if isinstance(folder, ModelFolder) else ModelFolder.open(folder)
+    arch = None if folder.diffusers else component_archs(folder).vae
+    return WanVAE.load(folder, arch, dtype=torch.float32, device=device)
 
 
 def component_archs(folder: ModelFolder) -> ComponentArchs:

@@ -97,6 +97,7 @@ def sp_worker(rank, world_size, addr, port, model_root, ports):
             res["latents"] = torch.cat([kept[b] for b in sorted(kept)], dim=1) if long else session.latents()
             res["kv_bytes"] = session.memory_bytes()["kv_cache"]
             res["scheme"] = type(session.cache).__name__
+            res["split_streams"] = runner.pipe.vae.calls["stream"]  # blocks decoded split over the two ranks
             del session  # the runner's table must hold the only reference (the leak check below)
             if long:
                 # the state after fragment 4 rebuilt beside the session; its fragment 5 (a prompt switch back,
@@ -196,7 +197,8 @@ def serial(model_root):
 
 
 def _u8_close(a: np.ndarray, b: np.ndarray) -> int:
-    """Largest difference in uint8 levels (1e-6 latent differences may round a pixel the other way)."""
+    """Largest difference in uint8 levels: 1e-6 latent differences, and the split VAE's summation order (the decode
+    runs over both ranks, parallel/vae.py), may round a pixel the other way."""
     assert a.shape == b.shape
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
@@ -211,10 +213,11 @@ def test_block_by_block_generation_equals_sp1(ranks, serial, mode, case):
         assert (ref["latents"] - ref["fp32_latents"]).abs().max().item() > 10 * TOLS[case]
     r0, r1 = ranks[0][(mode, case)], ranks[1][(mode, case)]
     n = len(SCHEDULES.get(case, SCHEDULE))
-    assert r1["fragments"] == [None] * n  # rank 0 decodes and answers
+    assert r1["fragments"] == [None] * n  # rank 0 answers
+    assert r0["split_streams"] == r1["split_streams"] > 0  # both ranks decoded every block, a band each
     frags = r0["fragments"]
     video = np.concatenate([f["frames"] for f in frags])
-    assert _u8_close(video, ref["video"]) <= (0 if mode == "ulysses" else 1)
+    assert _u8_close(video, ref["video"]) <= 1
     assert [f["fragment"] for f in frags] == list(range(n))
     # each answer is its whole fragment: contiguous blocks (fewer after the first with "last_block", whose anchor
     # takes a block's place), every frame of them (4 per latent frame; 3 fewer at the video's start)
@@ -266,7 +269,7 @@ def test_offload_reload_and_restore_under_sp(ranks, serial, mode):
     assert (r0["r3"]["fragment"], r0["r3"]["blocks"]) == (r0["f3"]["fragment"], r0["f3"]["blocks"]) == (2, [4, 6])
     assert np.array_equal(r0["r3"]["frames"], r0["f3"]["frames"]) and len(r0["r3"]["frames"]) == 24
     assert (r0["r3"]["info"]["fragments"], r0["r3"]["info"]["frames"]) == (3, 69)
-    assert _u8_close(r0["f3"]["frames"], ref["f3_video"]) <= (0 if mode == "ulysses" else 1)
+    assert _u8_close(r0["f3"]["frames"], ref["f3_video"]) <= 1
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -46,7 +46,16 @@ def distill_config(**parallel):
 # ---------------------------------------------------------------------------------------------------------
 # What each rank runs
 # ---------------------------------------------------------------------------------------------------------
-def sp2_worker(rank, world_size, addr, port, model_root):
+def i2v_config(**parallel):
+    extra = {"parallel": parallel} if parallel else {}
+    return load_run_config({**DISTILL, **extra}, model_cls="wan2.1_distill", task="i2v")
+
+
+def i2v_image():
+    return (torch.arange(40 * 56 * 3) % 251).reshape(40, 56, 3).to(torch.uint8).numpy()  # cropped and resized
+
+
+def sp2_worker(rank, world_size, addr, port, model_root, i2v_root):
     from parallel.attention import SequenceParallelLayout
     from parallel.fsdp import parameter_bytes, shard_dit
     from parallel.group import GroupLayout, join
@@ -79,11 +88,17 @@ def sp2_worker(rank, world_size, addr, port, model_root):
         out["fsdp_forward_bytes"] = parameter_bytes(dit)
 
     # whole generations: rank 0 encodes and decodes, both ranks denoise
-    for key, par in (("gen", {"seq_p_size": 2}), ("gen_fsdp", {"seq_p_size": 2, "dit_fsdp": True})):
-        pipe = load_rank_pipeline(model_root, distill_config(**par), rank)
+    from parallel.vae import SplitVAE
+    for key, par in (("i2v", {"seq_p_size": 2}), ("gen_rank0_vae", {"seq_p_size": 2, "vae_parallel": False}),
+                     ("gen", {"seq_p_size": 2}), ("gen_fsdp", {"seq_p_size": 2, "dit_fsdp": True})):
+        cfg, root = (i2v_config(**par), i2v_root) if key == "i2v" else (distill_config(**par), model_root)
+        pipe = load_rank_pipeline(root, cfg, rank)
         runner = ParallelRunner(pipe, group)
         steps = []
-        res = runner.generate(Request(PROMPT) if rank == 0 else None, progress=steps.append)
+        image = i2v_image() if key == "i2v" else None
+        res = runner.generate(Request(PROMPT, image=image) if rank == 0 else None, progress=steps.append)
+        out[key + "_split"] = ({**pipe.vae.calls, "halo": pipe.vae.last_halo_bytes} if isinstance(pipe.vae, SplitVAE)
+                               else None)
         out[key] = None if res is None else {"latents": res.latents, "video": res.video, "nfe": res.nfe,
                                              "timings": res.timings}
         out[key + "_steps"] = [(p.stage, p.step) for p in steps]
@@ -116,10 +131,15 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ranks(model_root):
+def i2v_root(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("sp_i2v"), "i2v", words=WORDS, distill=tiny_dit(TINY_I2V, seed=12))
+
+
+@pytest.fixture(scope="module")
+def ranks(model_root, i2v_root):
     from engine.launch import run_local, values
 
-    return values(run_local(sp2_worker, 2, args=(str(model_root),), timeout=240))
+    return values(run_local(sp2_worker, 2, args=(str(model_root), str(i2v_root)), timeout=240))
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +218,23 @@ def test_distill_generation_sp2_equals_sp1(ranks, serial):
     assert ranks[0]["gen_steps"] == [("text", 1), ("dit", 1), ("dit", 2), ("dit", 3), ("dit", 4), ("vae", 1)]
     assert ranks[1]["gen_steps"] == []  # progress is rank 0's
     assert {"text", "broadcast", "dit", "vae", "total", "communication"} <= set(gen["timings"])
+
+
+def test_split_vae_decodes_and_encodes_over_both_ranks(ranks, serial, i2v_root):
+    """The default (parallel.vae_parallel) splits the decode over the two ranks, both of which hold a VAE; off,
+    rank 0 decodes alone. Same video either way (1e-4, the split's bound). I2V: the first frame's latent is
+    encoded split too, and the whole generation equals the single-process one."""
+    for r in ranks:  # halo rows sent by each rank
+        assert r["gen_split"]["decode"] == 1 and r["gen_split"]["halo"] > 0
+        assert r["i2v_split"]["encode"] == 1 and r["i2v_split"]["decode"] == 1
+    assert ranks[0]["gen_rank0_vae_split"] is None and ranks[1]["gen_rank0_vae_split"] is None
+    assert ranks[1]["gen_rank0_vae"] is None
+    assert (ranks[0]["gen_rank0_vae"]["video"] - serial.video).abs().max().item() <= 1e-4
+    ref = WanPipeline.from_pretrained(i2v_root, i2v_config()).generate(PROMPT, image=i2v_image())
+    got = ranks[0]["i2v"]
+    assert got["video"].shape == ref.video.shape == (3, 9, 48, 48)
+    assert (got["latents"] - ref.latents).abs().max().item() <= 1e-4
+    assert (got["video"] - ref.video).abs().max().item() <= 1e-4
 
 
 def test_fsdp_generation_equals_sp1_and_shards_the_weights(ranks, serial):
