@@ -22,6 +22,7 @@ import torch
 from model.causal_pipeline import BlockOutput, CausalSession, CausVidPipeline, fragment_prompts
 from model.config import ConfigError
 from model.pipeline import Cancelled, Generation, Request, RequestError, StageTimer
+from model.video import encode_mp4
 from parallel.causal import attach
 from parallel.group import Group
 
@@ -288,9 +289,11 @@ class CausalRunner:
 
     # ---- one-call generation (SPWorkerGroup.run) -------------------------------------------------
     @torch.no_grad()
-    def generate(self, request: Request | None = None, progress=None, cancel=None) -> Generation | None:
+    def generate(self, request: Request | None = None, mp4: bool = False, progress=None,
+                 cancel=None) -> Generation | None:
         """LightX2V's one call (`num_fragments` fragments of one throwaway session) on every rank. Rank 0 needs
-        the request, checks it and shares (prompt, seed, size); it returns the Generation, the others None."""
+        the request, checks it and shares (prompt, seed, size); it returns the Generation, the others None.
+        mp4: the Generation carries the mp4 file, the fragments fed to the encoder one by one, not the frames."""
         group, pipe = self.group, self.pipe
         timer = StageTimer(group.device)
         t0 = time.perf_counter()
@@ -318,8 +321,10 @@ class CausalRunner:
         if group.rank != 0:
             return None
         timer.timings["communication"] = self.comm.seconds
+        encoded, size = encode_mp4(videos, pipe.cfg.fps, lambda: timer("mp4")) if mp4 else (None, None)
         timer.timings["total"] = time.perf_counter() - t0
-        return Generation(torch.cat(videos, dim=1), latents, session.seed, nfe, timer.timings, fps=pipe.cfg.fps)
+        return Generation(None if mp4 else torch.cat(videos, dim=1), latents, session.seed, nfe, timer.timings,
+                          fps=pipe.cfg.fps, mp4=encoded, size=size)
 
     def _check_request(self, request: Request | None) -> tuple[str, int, int, int, list[str]]:
         pipe = self.pipe

@@ -136,9 +136,11 @@ class ParallelRunner:
             return req, pipe.vae.encode(video)[0]
 
     # ---- the job ----
-    def generate(self, request: Request | None = None, progress=None, cancel=None) -> Generation | None:
+    def generate(self, request: Request | None = None, mp4: bool = False, progress=None,
+                 cancel=None) -> Generation | None:
         """Run one generation on this rank. Rank 0 needs the request and returns the `Generation`; the other
-        ranks may pass None and return None. progress/cancel are rank 0's."""
+        ranks may pass None and return None. progress/cancel are rank 0's. mp4: the Generation carries the
+        mp4 file instead of the video tensor, encoded frame by frame as it decodes (`decode_mp4`)."""
         group, pipe = self.group, self.pipe
         timer = StageTimer(group.device)
         t0 = time.perf_counter()
@@ -161,19 +163,28 @@ class ParallelRunner:
             with timer("dit"):
                 latents, nfe = pipe.denoise(cond, on_step, collective_cancel(group, cancel), guidance=self.guidance)
             timer.timings["communication"] = self.stats.seconds
-            if isinstance(pipe.vae, SplitVAE):  # every rank decodes its band, rank 0 gets the video
+            split = isinstance(pipe.vae, SplitVAE)
+            if split:  # every rank decodes its band, rank 0 gets the video
                 group.phase = "decode"
-                with timer("vae"):
-                    video = pipe.vae.decode(latents.to(pipe.device))
+                decoded = self._decode(latents, timer, mp4)
             group.phase = "idle"
         if group.rank != 0:
             return None
-        if not isinstance(pipe.vae, SplitVAE):
-            with timer("vae"):
-                video = pipe.decode(latents)
-        else:
-            video = video[0].cpu()
+        video, encoded, size = decoded if split else self._decode(latents, timer, mp4)
         on_step(Progress("vae", 1, 1))
         group.phase = "idle"
         timer.timings["total"] = time.perf_counter() - t0
-        return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=pipe.cfg.fps)
+        return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=pipe.cfg.fps, mp4=encoded,
+                          size=size)
+
+    def _decode(self, latents: torch.Tensor, timer: StageTimer, mp4: bool):
+        """(video, mp4 bytes, size): the video tensor, or (mp4) its frames encoded as they decode."""
+        pipe = self.pipe
+        with timer("vae"):
+            if mp4:
+                encoded, size = pipe.decode_mp4(latents, timer)
+                return None, encoded, size
+            if isinstance(pipe.vae, SplitVAE):
+                video = pipe.vae.decode(latents.to(pipe.device))
+                return (video[0].cpu() if video is not None else None), None, None
+            return pipe.decode(latents), None, None

@@ -57,8 +57,8 @@ class SPWorker:
         finally:
             self._busy = False
 
-    def run(self, request: Request | None) -> Generation | None:
-        return self._job(self.runner.generate, request)
+    def run(self, request: Request | None, mp4: bool = False) -> Generation | None:
+        return self._job(self.runner.generate, request, mp4)
 
     def _on_progress(self, p: Progress) -> None:
         self._progress = p

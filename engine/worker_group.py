@@ -71,11 +71,12 @@ class SPWorkerGroup:
         self.runtime: dict = self.members[0].get("runtime") or {}  # rank 0's kernels, backend, compile (rank.py)
 
     # ---- jobs ----
-    def run(self, request: Request, timeout: float | None = None) -> Generation:
+    def run(self, request: Request, timeout: float | None = None, mp4: bool = False) -> Generation:
         """Generate on every rank; rank 0's result. Raises rank 0's RequestError / Cancelled as they are, and
         RankFailure (naming the ranks) when a rank died or failed — the group is unhealthy after that.
-        A CausVid group generates `num_fragments` fragments of a throwaway session (LightX2V's one call)."""
-        return self._on_every_rank("run", (request,), (None,), timeout)
+        A CausVid group generates `num_fragments` fragments of a throwaway session (LightX2V's one call).
+        mp4: the result carries the mp4 file (`Generation.mp4`), encoded as it decoded, not the frames."""
+        return self._on_every_rank("run", (request, mp4), (None, mp4), timeout)
 
     def _on_every_rank(self, method: str, args: tuple, other_args: tuple | None = None,
                        timeout: float | None = None):

@@ -25,12 +25,13 @@ from .compile import compile_dit
 from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import ImageEncoder, TextEncoder
+from .files import write_atomic
 from .kernels import resolve_kernels
 from .loader import default_dtype, load_pipeline_dit, read_dit_arch
 from .schedulers import make_sampler
 from .vae import WanVAE
 from .validation import validated
-from .video import write_mp4
+from .video import encode_mp4, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,22 @@ class Conditioning:
 
 @dataclass
 class Generation:
-    video: torch.Tensor  # [3, T, H, W] float in [-1, 1], on CPU
+    video: torch.Tensor | None  # [3, T, H, W] float in [-1, 1], on CPU; None when decoded straight into `mp4`
     latents: torch.Tensor  # [z_dim, F, H/8, W/8]
     seed: int
     nfe: int  # DiT forward calls
     timings: dict[str, float] = field(default_factory=dict)
     fps: int = 16
+    mp4: bytes | None = None  # the video's mp4 file, when it was encoded as it decoded (`decode_mp4`)
+    size: tuple[int, int, int] | None = None  # (frames, height, width) of the video
+
+    def __post_init__(self):
+        if self.size is None and self.video is not None:
+            self.size = tuple(int(n) for n in self.video.shape[1:])
 
     def save(self, path: str | Path) -> Path:
+        if self.video is None:
+            return write_atomic(path, self.mp4)
         return write_mp4(path, self.video, fps=self.fps)
 
 
@@ -308,6 +317,17 @@ class WanPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._need_codecs("decode")
         return self.vae.decode(latents.to(self.device))[0].cpu()
+
+    @torch.no_grad()
+    def decode_mp4(self, latents: torch.Tensor, timer: StageTimer | None = None) -> tuple[bytes | None, tuple]:
+        """(mp4 bytes, (frames, height, width)): each latent frame's pixels go to the encoder as they are decoded,
+        so the decode + encode stage holds a few frames, not the video. Every rank of a split VAE calls it
+        (parallel/vae.py); the ones that get no pixels return (None, ()). timer gets "mp4": the encoder's share."""
+        if self.vae is None:
+            raise RuntimeError("decode_mp4: this pipeline has no VAE (denoise_only)")
+        timer = timer or StageTimer(self.device)
+        chunks = (c[0] if c is not None else None for c in self.vae.decode_chunks(latents.to(self.device)))
+        return encode_mp4(chunks, self.cfg.fps, lambda: timer("mp4"))
 
     # ---------------------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str | None = None, image=None, seed: int | None = None,

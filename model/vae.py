@@ -8,7 +8,7 @@ Chunking, tiling and the one-thread-per-`WanVAE` rule: ARCHITECTURE.md.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -235,6 +235,14 @@ class WanVAE:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        """`decode`'s video one latent frame's pixel frames at a time ([B, 3, 1 or 4, H, W]), through a fresh
+        stream decoder: the same frames (StreamDecoder), but the whole video never exists at once. (A split
+        VAE's stream decoder yields None on the ranks that do not get the pixels.)"""
+        stream = self.stream_decoder()
+        for i in range(latents.shape[2]):
+            yield stream.decode(latents[:, :, i:i + 1])
 
 
 def _cache_slots(decoder) -> list[bool]:

@@ -59,30 +59,34 @@ class _Band:
         return [n * scale for n in self.rows]
 
     def halo(self, x: torch.Tensor, dim: int, top: int, bottom: int) -> torch.Tensor:
-        """x with `top` rows of the rank above and `bottom` rows of the rank below along dim (zeros at the
-        frame's edges: the conv's own zero padding)."""
-        ops, got = [], {}
+        """x, zero-padded by `top` / `bottom` rows along dim already, with those rows filled in place from the
+        ranks above / below (left zero at the frame's edges: the conv's own zero padding). One copy of x (the
+        padding), not two: only the halo rows travel and are written."""
+        ops, fills = [], []
         up, down = self.rank - 1, self.rank + 1
-        if top and up >= 0:  # the upper neighbour needs my first rows as its bottom halo, and I its last as top
-            got["top"] = torch.empty_like(x.narrow(dim, 0, top)).contiguous()
-            ops.append(dist.P2POp(dist.irecv, got["top"], group=self.pg, group_peer=up))
+        n = x.shape[dim]
+        if top and up >= 0:  # my top rows are the upper neighbour's last `top` real rows
+            buf = torch.empty_like(x.narrow(dim, 0, top)).contiguous()
+            ops.append(dist.P2POp(dist.irecv, buf, group=self.pg, group_peer=up))
+            fills.append((0, buf))
         if bottom and down < self.size:
-            got["bottom"] = torch.empty_like(x.narrow(dim, 0, bottom)).contiguous()
-            ops.append(dist.P2POp(dist.irecv, got["bottom"], group=self.pg, group_peer=down))
-        if bottom and up >= 0:  # what the upper neighbour takes as its bottom halo
-            send = x.narrow(dim, 0, bottom).contiguous()
+            buf = torch.empty_like(x.narrow(dim, 0, bottom)).contiguous()
+            ops.append(dist.P2POp(dist.irecv, buf, group=self.pg, group_peer=down))
+            fills.append((n - bottom, buf))
+        if bottom and up >= 0:  # the upper neighbour's bottom halo: my first `bottom` real rows
+            send = x.narrow(dim, top, bottom).contiguous()
             ops.append(dist.P2POp(dist.isend, send, group=self.pg, group_peer=up))
             self.halo_bytes += send.numel() * send.element_size()
-        if top and down < self.size:
-            send = x.narrow(dim, x.shape[dim] - top, top).contiguous()
+        if top and down < self.size:  # the lower neighbour's top halo: my last `top` real rows
+            send = x.narrow(dim, n - bottom - top, top).contiguous()
             ops.append(dist.P2POp(dist.isend, send, group=self.pg, group_peer=down))
             self.halo_bytes += send.numel() * send.element_size()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        parts = [got.get("top", x.new_zeros(_with(x.shape, dim, top)) if top else None), x,
-                 got.get("bottom", x.new_zeros(_with(x.shape, dim, bottom)) if bottom else None)]
-        return torch.cat([p for p in parts if p is not None], dim)
+        for start, buf in fills:
+            x.narrow(dim, start, buf.shape[dim]).copy_(buf)
+        return x
 
     def gather(self, x: torch.Tensor, dim: int, dst: int | None = None) -> torch.Tensor | None:
         """The bands of every rank concatenated along dim: on every rank (dst None) or on rank dst only."""
@@ -113,23 +117,23 @@ def _causal_conv(conv: WanCausalConv3d, band: _Band, x: torch.Tensor, cache_x=No
     if cache_x is not None and padding[4] > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         padding[4] -= cache_x.shape[2]
+    x = F.pad(x, padding)
     if padding[2]:
         x = band.halo(x, 3, padding[2], padding[3])
-        padding[2] = padding[3] = 0
-    return nn.Conv3d.forward(conv, F.pad(x, padding))
+    return nn.Conv3d.forward(conv, x)
 
 
 def _conv2d_same(conv: nn.Conv2d, band: _Band, x: torch.Tensor) -> torch.Tensor:
     """An upsample's 3x3 conv (padding 1, stride 1) on [(b t), c, h, w]."""
     ph, pw = conv.padding
-    x = band.halo(x, 2, ph, ph)
-    return F.conv2d(F.pad(x, (pw, pw, 0, 0)), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    x = band.halo(F.pad(x, (pw, pw, ph, ph)), 2, ph, ph)
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 def _down_pad(band: _Band, x: torch.Tensor) -> torch.Tensor:
     """A downsample's ZeroPad2d((0, 1, 0, 1)) before its stride-2 3x3 conv: the row below is the next band's
     first (bands start at even rows at every level: 8 pixel rows per latent row)."""
-    return band.halo(F.pad(x, (0, 1, 0, 0)), 2, 0, 1)
+    return band.halo(F.pad(x, (0, 1, 0, 1)), 2, 0, 1)
 
 
 def _attention(block: WanAttentionBlock, forward, band: _Band, x: torch.Tensor) -> torch.Tensor:

@@ -296,3 +296,18 @@ def test_cli_unknown_model_cls_and_missing_image(t2v_root, i2v_root, tmp_path):
     r = run_cli("--model_cls", "wan2.1_distill", "--task", "i2v", "--model_path", str(i2v_root), "--config_json",
                 str(cfg), "--prompt", "x", "--save_result_path", str(tmp_path / "o.mp4"))
     assert r.returncode == 2 and "needs --image_path" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_decode_mp4_streams_the_same_video_into_the_encoder(t2v_root, monkeypatch):
+    """decode_mp4 feeds the encoder one latent frame's pixels at a time (never the whole video) and writes the
+    same file as decoding the whole video then encoding it (the stream decoder's frames are the decode's)."""
+    from model import video as video_module
+    pipe = pipe_for(t2v_root, "wan2.1_distill", {**DISTILL, "target_video_length": 13})
+    latents = torch.randn(1, pipe.vae.z_dim, 4, 4, 6, generator=torch.Generator().manual_seed(3))
+    whole = pipe.decode(latents)
+    chunks = []
+    real = video_module.Mp4Writer.write
+    monkeypatch.setattr(video_module.Mp4Writer, "write", lambda self, v: chunks.append(v.shape[1]) or real(self, v))
+    data, size = pipe.decode_mp4(latents)
+    assert size == (13, 32, 48) and chunks == [1, 4, 4, 4]
+    assert data == video_module.encode_mp4([whole], pipe.cfg.fps)[0]

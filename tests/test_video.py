@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.video import read_mp4, to_uint8, write_mp4
+from model.video import Mp4Writer, encode_mp4, read_mp4, to_uint8, write_mp4
 
 COLOURS = [(-1.0, -1.0, -1.0), (1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0), (1.0, 1.0, 1.0)]
 
@@ -38,3 +38,35 @@ def test_bad_input(tmp_path):
         write_mp4(tmp_path / "a.mp4", np.zeros((2, 15, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="no frames"):
         write_mp4(tmp_path / "a.mp4", np.zeros((0, 16, 16, 3), np.uint8))
+
+
+# ---- streaming: chunks fed to the encoder as they come (model/video.py Mp4Writer, encode_mp4) ----
+def test_chunked_writer_equals_one_write(tmp_path):
+    """The encoder gets the same raw frames whether they come as one array or in chunks: same file."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(3, 9, 32, 48, generator=g) * 2 - 1
+    whole = write_mp4(tmp_path / "whole.mp4", video, fps=16).read_bytes()
+    data, size = encode_mp4([video[:, :1], None, video[:, 1:5], video[:, 5:]], fps=16)
+    assert size == (9, 32, 48)
+    assert data == whole
+    path = tmp_path / "w.mp4"
+    with Mp4Writer(path, fps=16) as w:
+        for i in range(9):
+            w.write(to_uint8(video[:, i:i + 1]))
+    assert path.read_bytes() == whole and w.frames == 9
+
+
+def test_writer_errors_leave_no_file(tmp_path):
+    path = tmp_path / "x.mp4"
+    with pytest.raises(ValueError, match="first chunk was 16x16"):
+        with Mp4Writer(path) as w:
+            w.write(np.zeros((2, 16, 16, 3), np.uint8))
+            w.write(np.zeros((2, 16, 32, 3), np.uint8))
+    assert not path.exists() and not (tmp_path / "x.mp4.part").exists()
+    w = Mp4Writer(path)
+    w.write(np.zeros((2, 16, 16, 3), np.uint8))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    assert encode_mp4([None, np.zeros((0, 16, 16, 3), np.uint8)]) == (None, ())
+    with pytest.raises(ValueError, match="no frames"):
+        Mp4Writer(path).close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -23,10 +21,12 @@ Emit = Callable[[dict], None]
 
 def mp4_bytes(frames, fps: int) -> bytes:
     """Frames ([3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3]) -> mp4 file contents."""
-    from model.video import write_mp4
+    from model.video import encode_mp4
 
-    with tempfile.TemporaryDirectory(prefix="wanserve-") as tmp:
-        return write_mp4(Path(tmp) / "v.mp4", frames, fps=fps).read_bytes()
+    data, _ = encode_mp4([frames], fps)
+    if data is None:
+        raise ValueError("no frames to write")
+    return data
 
 
 class JobBodies:
@@ -66,15 +66,15 @@ class JobBodies:
             timings["lora_reload"] = time.perf_counter() - t
         request = Request(job["prompt"], job.get("negative_prompt"), job.get("image"), job.get("seed"),
                           job.get("num_frames"), job.get("height"), job.get("width"))
-        gen = await self.guarded(emit, lambda: polled(lambda: self.driver.group.run(request, self.spec.job_timeout_s)))
+        # mp4=True: rank 0 feeds the encoder frame by frame as it decodes (no whole-video tensor anywhere)
+        gen = await self.guarded(emit, lambda: polled(lambda: self.driver.group.run(request, self.spec.job_timeout_s,
+                                                                                    mp4=True)))
         if gen is None:
             return
-        t = time.perf_counter()
-        video = await asyncio.to_thread(mp4_bytes, gen.video, gen.fps)
+        video = gen.mp4
         timings.update({k: float(v) for k, v in gen.timings.items()})
-        timings["mp4"] = time.perf_counter() - t
         timings["replica_total"] = time.perf_counter() - t0
-        _, frames, height, width = gen.video.shape
+        frames, height, width = gen.size
         emit({"type": "result", "video": video, "frames": int(frames), "height": int(height), "width": int(width),
               "seed": int(gen.seed), "timings": timings})
 
