@@ -1,17 +1,14 @@
 """The Wan2.1 VAE split over a sequence-parallel group: each rank decodes (and encodes) one band of rows.
 
 Why: after 4-step distillation the DiT is a third of a request and the VAE ran on rank 0 alone while the
-other ranks waited. The VAE's only spatial coupling is its 3x3 convolutions (RMS norms are per pixel, the
-upsamples nearest-neighbour) plus one small spatial attention at latent resolution. So the feature map is cut
-into contiguous bands of latent rows (`row_bands`; 8x / 4x / 2x as many at the pixel levels), every 3x3 conv
-first swaps one row with each neighbour (halo: the causal time cache is per band, so it travels too, in the
-conv's input), the mid-block attention gathers its band-sized maps, and rank 0 gathers the pixels. The
-arithmetic of every output pixel is the one the whole-frame decoder does: equal to float rounding.
+other ranks waited. The VAE couples rows only in its 3x3 convolutions (norms are per pixel, upsampling is
+nearest) and one small attention at latent resolution: so each 3x3 conv swaps one halo row with each
+neighbour (its causal time cache is per band and travels in the conv's input), the attention gathers its
+map, and rank 0 gathers the pixels. Every pixel's arithmetic is the whole-frame decoder's (to rounding).
 
-`SplitVAE` has `WanVAE`'s interface (model/vae.py) but its encode / decode / stream decoders are collective:
-every rank of the group calls them with the same latents (or video); decode returns the video on rank 0 and
-None elsewhere. A latent with fewer rows than ranks is run whole on every rank. The diffusers modules are
-unchanged: their forwards are swapped only inside a call.
+`SplitVAE` has `WanVAE`'s interface, but its calls are collective: every rank calls them with the same input;
+decode returns the video on rank 0 and None elsewhere. The diffusers modules are unchanged: the forwards that
+couple rows are swapped only inside a call. Design and measurements: ARCHITECTURE.md (parallel/vae.py).
 """
 from __future__ import annotations
 
