@@ -1,6 +1,7 @@
 """Size a Wan2.1 deployment: FLOPs, SP bytes, memory, seconds per video and replicas, as JSON.
 
     python benchmarks/capacity.py --model 14B --size 832x480 --steps 4 --no-cfg --sp 8 --target-vpm 10
+    python benchmarks/capacity.py --sp 8 --steps 4 --no-cfg --no-vae-parallel   # decode on rank 0 alone
     python benchmarks/capacity.py --calibration   # the fit to Wan2.1's published H100 times
     python benchmarks/capacity.py --table         # the README "Sizing a cluster" tables (markdown)
 
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8 weights through scaled fp8 GEMMs at the FP8 peak (dit_fp8_compute; Ada/Hopper only)")
     p.add_argument("--fsdp", action="store_true", help="shard DiT and T5 weights over the SP group")
     p.add_argument("--offload", action="store_true", help="copy DiT and T5 host<->GPU for every video")
+    p.add_argument("--vae-parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="split the VAE decode (and I2V encode) by latent rows over the replica's GPUs (parallel."
+                        "vae_parallel; on by default, no effect on one GPU); --no-vae-parallel: rank 0 alone")
+    p.add_argument("--decoder", choices=list(cap.DECODERS), default="full",
+                   help="full: the Wan2.1 VAE decoder; tiny: TAEHV's tiny decoder (use_tae), on rank 0, priced "
+                        "from its FLOPs at the fitted VAE efficiency (uncalibrated)")
     p.add_argument("--gpu", choices=sorted(cap.GPUS), default="H100")
     p.add_argument("--causvid-window", type=int, help="latent frames in a CausVid KV cache (default: the video)")
     p.add_argument("--target-vpm", type=float, help="target videos per minute: report replicas and GPUs")
@@ -68,7 +75,7 @@ def workload(args) -> cap.Workload:
                         frames=args.frames, steps=args.steps, cfg=args.cfg, ulysses=u, ring=r,
                         cfg_parallel=args.cfg_parallel, dtype=args.dtype or ("fp8" if args.fp8_compute else "bf16"),
                         fsdp=args.fsdp, offload=args.offload, causvid_window=args.causvid_window,
-                        fp8_compute=args.fp8_compute)
+                        fp8_compute=args.fp8_compute, vae_parallel=args.vae_parallel, decoder=args.decoder)
 
 
 def main(argv: list[str] | None = None) -> int:

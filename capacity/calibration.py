@@ -52,9 +52,10 @@ CALIBRATED_ON = {"H100": "H100", "H200": "H100", "A100": "A100", "L40S": "H100"}
 
 
 def upstream_workload(gpus: int, task: str = "t2v") -> Workload:
-    """How Wan2.1's generate.py ran the published points: fp32 DiT weights (bf16 autocast), T5 in bf16."""
+    """How Wan2.1's generate.py ran the published points: fp32 DiT weights (bf16 autocast), T5 in bf16, the
+    VAE on rank 0 alone (upstream does not split it: the fit stays on the unsplit VAE)."""
     return Workload(model="14B", task=task, width=1280, height=720, frames=81, steps=50 if task == "t2v" else 40,
-                    cfg=True, ulysses=gpus, dtype="fp32", fsdp=gpus > 1, offload=gpus == 1)
+                    cfg=True, ulysses=gpus, dtype="fp32", fsdp=gpus > 1, offload=gpus == 1, vae_parallel=False)
 
 
 @dataclass(frozen=True)

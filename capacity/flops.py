@@ -230,3 +230,17 @@ def vae_encode_flops(frames: int, height: int, width: int) -> int:
         return count_vae_encode(frames, height, width)
     c5, c9 = count_vae_encode(5, height, width), count_vae_encode(9, height, width)
     return c5 + (k - 1) * (c9 - c5)
+
+
+
+@functools.cache
+def tiny_decode_flops(grid: tuple[int, int, int]) -> int:
+    """The tiny decoder (`use_tae`: model/tae.py's TAEHV at the taew2_1 release widths, decoder only) on one
+    latent (frames, h, w), counted on meta: all frames at once, as `TinyDecoder.decode` runs it (its leading
+    trimmed frames dropped as early as `run_blocks` drops them)."""
+    from model.tae import TAEHV
+
+    f, h, w = grid
+    counts = _count(lambda: TAEHV(VaeArch().z_dim, encoder=False),
+                    lambda m: m.decode_frames(torch.empty(1, f, VaeArch().z_dim, h, w)))
+    return sum(counts["Global"].values())

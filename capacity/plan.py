@@ -21,7 +21,8 @@ from capacity.footprint import (
     vae_weight_bytes,
 )
 from capacity.hardware import GPU, GPUS
-from capacity.timing import Calibration, Projection, project_with
+from capacity.timing import Calibration, Projection, decode_split_of, project_with
+from capacity.vae_split import gather_buffer_bytes, split_working_bytes
 from capacity.workload import Workload
 
 
@@ -46,10 +47,11 @@ class Memory:
     clip_weights: int  # I2V only
     vae_weights: int
     dit_activations: int  # peak of one forward (`dit_activation_bytes`)
-    vae_decode: int  # decode working memory (calibrated per output pixel)
+    vae_decode: int  # decode working memory (calibrated per output pixel); split: rank 0's band, or its gather
     capacity: float
     causvid_session: int  # one session on rank 0: its K/V cache share, cross-attention cache, VAE decoder state
     causvid_activations: int  # one CausVid block forward
+    causvid_decode: int  # the streaming decoder's working memory, on rank 0 whole (the split is one-shot only)
 
     @property
     def weights(self) -> int:
@@ -66,8 +68,8 @@ class Memory:
 
     @property
     def causvid_sessions(self) -> int:
-        """KV caches that fit next to the weights and one forward's (or decode's) working memory."""
-        free = self.capacity - RESERVED_BYTES - self.weights - max(self.causvid_activations, self.vae_decode)
+        """KV caches that fit next to the weights and one forward's (or the streaming decode's) working memory."""
+        free = self.capacity - RESERVED_BYTES - self.weights - max(self.causvid_activations, self.causvid_decode)
         return max(0, int(free // self.causvid_session))
 
 
@@ -77,17 +79,23 @@ def memory(w: Workload, gpu: GPU | str = "H100", cal: Calibration | None = None)
     arch, shard = w.arch, (w.sp if w.fsdp else 1)
     window = w.causvid_window or w.grid[0]
     block_tokens = min(window, w.causvid_block_frames) * w.frame_tokens
+    split, whole = decode_split_of(w), int(cal.vae_bytes_per_pixel * w.width * w.height)
+    vae_decode = whole
+    if split.ranks > 1:  # rank 0: its band's working memory (halo rows included), or later its gather buffers
+        vae_decode = max(split_working_bytes(cal.vae_bytes_per_pixel, w.width, split.rows, split.ranks),
+                         gather_buffer_bytes(w.frames, w.height, w.width, split.rows, split.ranks))
     return Memory(
         dit_weights=dit_weight_bytes(arch, w.dtype) // shard,
         t5_weights=(t5_weight_bytes() // shard) if w.t5_on_gpu else 0,
         clip_weights=clip_weight_bytes() if w.task == "i2v" else 0,
         vae_weights=vae_weight_bytes(),
         dit_activations=dit_activation_bytes(arch, w.tokens, w.sp, w.fp8_compute),
-        vae_decode=int(cal.vae_bytes_per_pixel * w.width * w.height),
+        vae_decode=vae_decode,
         capacity=gpu.memory_bytes,
         # rank 0's share of a session: the K/V cache split over the SP group (Ulysses by heads, ring by
         # tokens); the prompt's cross-attention K/V on every rank; the streaming VAE decoder state (rank 0)
         causvid_session=(causvid_cache_bytes(arch, w.frame_tokens, window) // w.sp + cross_cache_bytes(arch)
                          + stream_decoder_bytes(w.width, w.height)),
         causvid_activations=dit_activation_bytes(arch, block_tokens, w.sp, w.fp8_compute),
+        causvid_decode=whole,
     )

@@ -17,11 +17,26 @@ from capacity.calibration import (
     upstream_workload,
 )
 from capacity.comm import cfg_gather_bytes_per_step, fsdp_bytes_per_forward, sp_bytes_per_forward
-from capacity.flops import clip_flops, dit_forward_flops, t5_flops, vae_decode_flops, vae_encode_flops
+from capacity.flops import (
+    clip_flops,
+    dit_forward_flops,
+    t5_flops,
+    tiny_decode_flops,
+    vae_decode_flops,
+    vae_encode_flops,
+)
 from capacity.footprint import RESERVED_BYTES
 from capacity.hardware import GB, GIB, GPUS
 from capacity.plan import memory, project, replicas_for
-from capacity.timing import fp8_compute_forward
+from capacity.timing import (
+    Calibration,
+    decode_split_of,
+    encode_split_of,
+    fp8_compute_forward,
+    vae_decode_terms,
+    vae_encode_terms,
+)
+from capacity.vae_split import VaeSplit
 from capacity.workload import Workload
 
 
@@ -41,6 +56,7 @@ def workload_json(w: Workload, gpu: str = "H100", target_vpm: float | None = Non
             "dit_forwards_per_video": w.steps * (2 if w.cfg else 1),
             "t5_per_prompt": t5_flops(arch.text_len),
             "vae_decode": vae_decode_flops(w.grid),
+            **({"tiny_decode": tiny_decode_flops(w.grid)} if w.decoder == "tiny" else {}),
             **({"clip": clip_flops(), "vae_encode": vae_encode_flops(w.frames, w.height, w.width)}
                if w.task == "i2v" else {}),
         },
@@ -59,6 +75,7 @@ def workload_json(w: Workload, gpu: str = "H100", target_vpm: float | None = Non
            "comm_eff_range": [round(c, 4) for c in fit.comm_range], "range_tolerance": RANGE_TOLERANCE,
            "dit_seconds_at_lowest_comm_eff": round(project(w, gpu, replace(cal, comm_eff=fit.comm_range[0])).dit_s, 3)},
     }
+    out["vae"] = vae_json(w, gpu, cal)
     if w.fp8_compute:
         out["fp8_compute"] = fp8_compute_json(w, gpu, cal.mfu)
     if target_vpm is not None:
@@ -80,6 +97,42 @@ def fp8_compute_json(w: Workload, gpu: str, mfu: float) -> dict:
             "dit_s_saved": round(gemm_bf16 - gemm_fp8 + n * (f8.dequant_s - f8.act_quant_s), 3),
             "assumption": "the fp8 GEMMs reach the MFU fitted to Wan2.1's bf16 timings: uncalibrated for fp8 "
                           "(no published fp8 Wan2.1 timing)"}
+
+
+def vae_mode(w: Workload) -> str:
+    """The VAE mode in words: which decoder, and whether it is split over the SP ranks."""
+    split = decode_split_of(w)
+    if w.decoder == "tiny":
+        return "tiny decoder (TAEHV) on rank 0"
+    if split.ranks == 1 and w.gpus > 1:
+        return "full decoder on rank 0 (--no-vae-parallel)" if not w.vae_parallel else \
+            "full decoder whole on every rank (fewer latent rows than ranks)"
+    if split.ranks == 1:
+        return "full decoder on rank 0"
+    return f"full decoder split over {split.ranks} ranks by latent rows (largest band {split.max_rows} of {split.rows})"
+
+
+def _split_json(split: VaeSplit, compute_s: float, comm_s: float) -> dict:
+    return {"ranks": split.ranks, "latent_rows": split.rows, "max_rows": split.max_rows,
+            "fraction": round(split.fraction, 4), "halo_bytes": split.halo_bytes, "attention_gather_bytes":
+            split.attn_bytes, "gather_bytes": split.gather_bytes, "halo_exchanges": split.convs,
+            "compute_s": round(compute_s, 4), "comm_s": round(comm_s, 4)}
+
+
+def vae_json(w: Workload, gpu: str, cal: Calibration) -> dict:
+    """The decode (and I2V encode): mode, split, and its seconds by term (compute / vae_eff, bytes / comm_eff)."""
+    g = GPUS[gpu]
+    dec = vae_decode_terms(w, g)
+    out = {"mode": vae_mode(w), "decoder": w.decoder, "vae_parallel": w.vae_parallel,
+           "decode": _split_json(decode_split_of(w), dec.vae_s / cal.vae_eff, dec.comm_s / cal.comm_eff)}
+    if w.decoder == "tiny":
+        out["tiny_decoder"] = "priced from its FLOPs (model/tae.py's TAEHV, counted on meta) at the full VAE's " \
+                              "fitted vae_eff: uncalibrated; its working memory is not modelled (the full " \
+                              "decoder's is shown)"
+    if w.task == "i2v":
+        enc = vae_encode_terms(w, g)
+        out["encode"] = _split_json(encode_split_of(w), enc.vae_s / cal.vae_eff, enc.comm_s / cal.comm_eff)
+    return out
 
 
 def _row_json(r: FitRow) -> dict:
@@ -153,6 +206,9 @@ def readme_tables() -> str:
     lo, hi = (x * link for x in fit.comm_range)
     w8 = Workload(model="14B", steps=4, cfg=False, ulysses=8)
     distill8 = project(w8)
+    split8, one_rank8 = decode_split_of(w8), project(replace(w8, vae_parallel=False))
+    tiny8 = project(replace(w8, decoder="tiny"))
+    split_comm = vae_decode_terms(w8, GPUS["H100"]).comm_s / c.comm_eff
     slow8 = project(w8, "H100", replace(c, comm_eff=fit.comm_range[0]))
     base8 = project(replace(w8, steps=50, cfg=True))
     held = held_out("H100")
@@ -160,10 +216,14 @@ def readme_tables() -> str:
                           for t in ("t2v", "i2v") for p in WAN21_PUBLISHED[("A100", t)]]
     return "\n\n".join([
         f"Projected on H100 SXM (one replica = SP GPUs, Ulysses, bf16 weights replicated, T5 and VAE on "
-        f"GPU; VAE decode on one rank):\n\n{speed_table()}",
+        f"GPU; VAE decode split over the SP ranks by latent rows, on one rank at SP=1):\n\n{speed_table()}",
         f"4-step distill DiT at SP=8: {distill8.dit_s:.2f} s ({slow8.dit_s:.2f} s at the low end of the fitted "
         f"bandwidth range); base/distill: DiT time {base8.dit_s / distill8.dit_s:.1f}x, total "
-        f"{base8.total_s / distill8.total_s:.1f}x.",
+        f"{base8.total_s / distill8.total_s:.1f}x. VAE decode at SP=8: {distill8.stages['vae']:.2f} s split "
+        f"over {split8.ranks} ranks (largest band {split8.max_rows} of {split8.rows} latent rows; halos, "
+        f"attention all-gather and pixel gather {split_comm * 1e3:.0f} ms of it), {one_rank8.stages['vae']:.2f} s "
+        f"on one rank (`--no-vae-parallel`: total {one_rank8.total_s:.2f} s); the tiny decoder (`--decoder "
+        f"tiny`, uncalibrated) {tiny8.stages['vae']:.2f} s on one rank.",
         f"CausVid sessions next to the weights (T5 and VAE resident, {RESERVED_BYTES / GB:.0f} GB reserved, "
         f"counted on rank 0, the busiest GPU of a replica; a session holds its share of the K/V of every layer "
         f"for the window (split over the SP group), its prompt's cross-attention K/V (on every rank) and the "

@@ -13,11 +13,13 @@ from capacity.flops import (
     dit_forward_flops,
     dit_quant_gemms,
     t5_flops,
+    tiny_decode_flops,
     vae_decode_flops,
     vae_encode_flops,
 )
 from capacity.footprint import clip_weight_bytes, dit_param_counts, dit_weight_bytes, t5_weight_bytes
 from capacity.hardware import GPU
+from capacity.vae_split import VaeSplit, decode_split, encode_split
 from capacity.workload import Workload
 
 DEQUANT_BYTES_PER_WEIGHT = 7  # int8/fp8 -> bf16 dequantization traffic per weight per forward (model/quant.py)
@@ -94,16 +96,46 @@ def stage_terms(w: Workload, gpu: GPU) -> dict[str, Terms]:
     terms = {
         "text": Terms(prompts * t5_flops(arch.text_len) / gpu.bf16_flops, 0, 0, 0),
         "dit": Terms(dit_flops_s, 0, (forwards * comm + w.steps * step_comm) / gpu.link_bw, forwards * dequant),
-        "vae": Terms(0, vae_decode_flops(w.grid) / gpu.tf32_flops, 0, 0),
+        "vae": vae_decode_terms(w, gpu),
     }
     if w.task == "i2v":
-        terms["image"] = Terms(clip_flops() / gpu.bf16_flops,
-                               vae_encode_flops(w.frames, w.height, w.width) / gpu.tf32_flops, 0, 0)
+        enc = vae_encode_terms(w, gpu)
+        terms["image"] = Terms(clip_flops() / gpu.bf16_flops, enc.vae_s, enc.comm_s, 0)
     if w.offload:  # every video: DiT, T5 (and CLIP) host -> GPU before use, GPU -> host after
         moved = 2 * (dit_weight_bytes(arch, w.dtype) + t5_weight_bytes()
                      + (clip_weight_bytes() if w.task == "i2v" else 0))
         terms["offload"] = Terms(0, 0, 0, moved / gpu.host_bw)
     return terms
+
+
+def decode_split_of(w: Workload) -> VaeSplit:
+    """How w's decode is split: the Wan VAE over w.vae_ranks; the tiny decoder whole on rank 0."""
+    return decode_split(w.grid, w.vae_ranks if w.decoder == "full" else 1)
+
+
+def encode_split_of(w: Workload) -> VaeSplit:
+    """How w's I2V encode (the Wan VAE encoder, whichever decoder) is split: over w.vae_ranks."""
+    return encode_split(w.frames, w.height, w.width, w.grid[1], w.vae_ranks)
+
+
+def vae_decode_terms(w: Workload, gpu: GPU) -> Terms:
+    """The decode: its FLOPs at the TF32 peak (/ vae_eff); split, the largest band's share of the convolutions
+    plus the whole mid-block attention, and the halo, attention all-gather and pixel gather at link_bw
+    (/ comm_eff). The tiny decoder: its FLOPs at the same peak and efficiency (uncalibrated), on rank 0."""
+    if w.decoder == "tiny":
+        return Terms(0, tiny_decode_flops(w.grid) / gpu.tf32_flops, 0, 0)
+    flops, split = vae_decode_flops(w.grid), decode_split_of(w)
+    if split.ranks == 1:
+        return Terms(0, flops / gpu.tf32_flops, 0, 0)
+    return Terms(0, split.compute_flops(flops) / gpu.tf32_flops, split.comm_bytes / gpu.link_bw, 0)
+
+
+def vae_encode_terms(w: Workload, gpu: GPU) -> Terms:
+    """The I2V encode, split as the decode (its latent all-gathered to every rank instead of gathered)."""
+    flops, split = vae_encode_flops(w.frames, w.height, w.width), encode_split_of(w)
+    if split.ranks == 1:
+        return Terms(0, flops / gpu.tf32_flops, 0, 0)
+    return Terms(0, split.compute_flops(flops) / gpu.tf32_flops, split.comm_bytes / gpu.link_bw, 0)
 
 
 def _seconds(t: Terms, cal: Calibration) -> float:

@@ -16,6 +16,7 @@ MODELS: dict[tuple[str, str], DiTArch] = {
 }
 DTYPES = ("fp32", "bf16", "int8", "fp8")  # DiT weight storage; fp32 = upstream Wan's master weights
 COMPUTE_BYTES = 2  # activations, q/k/v and collectives run in bf16 on GPU (model/loader.default_dtype)
+DECODERS = ("full", "tiny")  # the Wan2.1 VAE's decoder, or TAEHV's tiny one for Wan latents (use_tae)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Workload:
     causvid_window: int | None = None  # latent frames in a CausVid KV cache (None: the whole video)
     causvid_block_frames: int = 3  # latent frames generated per CausVid forward
     fp8_compute: bool = False  # fp8 weights through scaled fp8 GEMMs (model/quant.py set_fp8_compute)
+    vae_parallel: bool = True  # the VAE split by latent rows over the replica's GPUs (parallel.vae_parallel)
+    decoder: str = "full"  # "full": the Wan2.1 VAE decoder; "tiny": TAEHV's (use_tae), on rank 0 alone
 
     def __post_init__(self):
         if (self.task, self.model) not in MODELS:
@@ -55,6 +58,8 @@ class Workload:
             raise ValueError(f"dtype = {self.dtype!r}: choose from {DTYPES}")
         if self.fp8_compute and self.dtype != "fp8":
             raise ValueError(f"fp8_compute needs fp8 weights (dtype = 'fp8'), not dtype = {self.dtype!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder = {self.decoder!r}: choose from {DECODERS}")
         if min(self.ulysses, self.ring, self.steps, self.causvid_block_frames) < 1:
             raise ValueError("ulysses, ring, steps and causvid_block_frames must be >= 1")
 
@@ -82,6 +87,13 @@ class Workload:
     @property
     def gpus(self) -> int:
         return self.sp * self.cfg_parallel
+
+    @property
+    def vae_ranks(self) -> int:
+        """Ranks the Wan VAE's decode and encode are split over (parallel/vae.py): with vae_parallel every GPU
+        of the replica (the whole group, CFG-parallel included), unless the latent has fewer rows than that
+        (then every rank runs it whole); else 1 (rank 0 alone, as upstream Wan2.1 decodes)."""
+        return self.gpus if self.vae_parallel and self.grid[1] >= self.gpus else 1
 
     @property
     def forwards_per_step(self) -> int:

@@ -3,6 +3,7 @@ figures, the streaming VAE decoder's state measured on the meta device, and Wan2
 A100 times and peaks (the calibration must reproduce them as closely as README says it does)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -347,3 +348,193 @@ def test_cli_fp8_compute(capsys):
     assert "no fp8 tensor cores" in capsys.readouterr().err
     assert cli.main(args + ["--fp8-compute", "--dtype", "int8"]) == 2
     assert cli.main(args) == 0 and "fp8_compute" not in json.loads(capsys.readouterr().out)
+
+
+# --- the VAE split over the SP ranks by latent rows (parallel/vae.py), and the tiny decoder ---------------------
+
+def decoder_conv_rows(f: int, w: int) -> int:
+    """Sum over the decode's 3x3 conv calls of one row of the input each swaps halos of (parallel/vae.py),
+    written out from the Wan VAE decoder (release widths 96·(4, 4, 4, 2, 1), 2 res blocks + 1 per stage,
+    z = 16), frame by frame: a causal conv's input after its cache and zero padding is C x (T + 2) x (W + 2),
+    an upsample's conv's C x T x (W + 2). The latent stage (conv_in 16, mid 4 convs of 384, up block 0: 6 of
+    384) at width w; upsample3d's conv (384) at 2w; block 1 (192 + 5·384) at 2w; its upsample3d conv (384)
+    at 4w; block 2 (6·192) at 4w; its upsample2d conv (192) at 8w; block 3 (6·96) and conv_out (96) at 8w.
+    Frames per call: 1 at the latent; after the first time upsample 1, then 2; after the second 1, then 4."""
+    latent, b1, b2, b3 = 16 + 10 * 384, 192 + 5 * 384, 6 * 192, 6 * 96 + 96
+
+    def call(t2: int, t4: int) -> int:
+        return (latent * 3 * (w + 2) + 384 * t2 * (2 * w + 2) + b1 * (t2 + 2) * (2 * w + 2)
+                + 384 * t4 * (4 * w + 2) + b2 * (t4 + 2) * (4 * w + 2) + 192 * t4 * (8 * w + 2)
+                + b3 * (t4 + 2) * (8 * w + 2))
+
+    return call(1, 1) + (f - 1) * call(2, 4)
+
+
+def attention_flops(frames: int, h: int, w: int, c: int = 384) -> int:
+    """The VAE mid-block attention, once per frame on the [c, h, w] map: to_qkv (1x1, c -> 3c), QK^T and AV
+    over h·w tokens, proj (1x1, c -> c)."""
+    n = h * w
+    return frames * (mm(n, c, 3 * c) + 4 * n * n * c + mm(n, c, c))
+
+
+def test_vae_traffic_counted_on_meta_equals_the_architecture():
+    for f in (1, 2, 3, 5):
+        t = cap.count_vae_traffic("decode", f, 60, 104)
+        assert t.conv_row == decoder_conv_rows(f, 104) and t.down_row == 0
+        assert t.convs == 33 * f and t.attn_row == 384 * f * 104 and t.out_row == 3 * (4 * f - 3) * 8 * 832
+        assert t.attn_flops == attention_flops(f, 60, 104)
+    # extrapolated from 2 and 3 frames (decode) or 5 and 9 frames (encode), equal to direct counts
+    assert cap.decode_traffic((6, 4, 4)) == cap.count_vae_traffic("decode", 6, 4, 4)
+    assert cap.encode_traffic(17, 32, 32) == cap.count_vae_traffic("encode", 17, 32, 32)
+    enc = cap.count_vae_traffic("encode", 17, 32, 32)
+    # 25 3x3 convs per chunk (5 chunks), 3 of them the stride-2 downsamples (their row below only)
+    assert enc.convs == 25 * 5 and enc.down_row > 0 and enc.out_row == 16 * 5 * 4  # latent [16, 5, 1 row, 4]
+
+
+def test_row_bands_uneven_split_uses_the_largest():
+    bands = cap.row_bands(60, 8)  # 832x480: 60 latent rows over 8 ranks
+    assert bands == ((0, 8), (8, 16), (16, 24), (24, 32), (32, 39), (39, 46), (46, 53), (53, 60))
+    assert cap.max_band(60, 8) == 8 and cap.max_band(60, 4) == 15 and cap.max_band(90, 8) == 12
+    # the convolutions take the largest band's share, 8/60, not 1/8
+    split = cap.decode_split((21, 60, 104), 8)
+    assert split.compute_flops(10 ** 15 + split.attn_flops) == pytest.approx(10 ** 15 * 8 / 60 + split.attn_flops)
+    hd = cap.Workload(model="14B", width=1280, height=720, steps=4, cfg=False, ulysses=8)
+    assert cap.decode_split_of(hd).max_rows == 12  # 90 rows: 12 on the first two ranks of 8
+    # a latent with fewer rows than ranks runs whole on every rank; CFG-parallel splits over both SP groups
+    assert cap.Workload(model="14B", width=832, height=48, steps=4, cfg=False, ulysses=8).vae_ranks == 1
+    assert cap.Workload(model="14B", steps=4, ulysses=4, cfg_parallel=2).vae_ranks == 8
+    assert cap.Workload(model="14B", steps=4, ulysses=8, vae_parallel=False).vae_ranks == 1
+
+
+@pytest.mark.parametrize("model,split", [("14B", {"ulysses": 8}), ("1.3B", {"ring": 8}), ("14B", {"ulysses": 2})],
+                         ids=["14B-sp8", "1.3B-ring8", "14B-sp2"])
+def test_split_decode_time_is_the_band_plus_halo_and_gathers(model, split):
+    """Split decode = the unsplit decode's convolutions x max_rows / rows, plus the mid-block attention whole
+    (every rank computes it on the gathered map), at TF32 x vae_eff; plus bytes / (link_bw x comm_eff): per 3x3
+    conv one padded row to each neighbour (2; 1 with 2 ranks), the attention's all-gather of the largest band,
+    and P-1 bands of fp32 pixels (padded to the largest) into rank 0. All from the architecture."""
+    w = cap.Workload(model=model, steps=4, cfg=False, **split)
+    c, p = cap.calibration_for("H100"), w.sp
+    unsplit = cap.project(dataclasses.replace(w, vae_parallel=False))
+    rows, m = 60, -(-60 // p)
+    attn = attention_flops(21, 60, 104) / 494.7e12 / c.vae_eff
+    halo = min(2, p - 1) * decoder_conv_rows(21, 104) * 4
+    attention = (p - 1) * m * 21 * 384 * 104 * 4
+    gather = (p - 1) * 3 * 81 * 8 * m * 832 * 4
+    expected = (unsplit.stages["vae"] - attn) * m / rows + attn + (halo + attention + gather) / (c.comm_eff * 450e9)
+    got = cap.project(w)
+    assert got.stages["vae"] == pytest.approx(expected, rel=1e-12)
+    assert got.stages["dit"] == unsplit.stages["dit"] and got.stages["text"] == unsplit.stages["text"]
+    # memory on rank 0: its band's working memory (+ a halo row each side), or its gather: its band, P padded
+    # bands received, and their concatenation (the fp32 video)
+    mem, band = cap.memory(w), 3 * 81 * 8 * m * 832 * 4
+    assert mem.vae_decode == max(int(c.vae_bytes_per_pixel * 832 * (8 * m + 2)), (1 + p) * band + 3 * 81 * 480 * 832 * 4)
+    # the CausVid sessions' streaming decoder stays whole on rank 0 (model/causal_session.py)
+    assert mem.causvid_decode == cap.memory(dataclasses.replace(w, vae_parallel=False)).vae_decode
+
+
+def test_no_vae_parallel_reproduces_the_unsplit_model():
+    """--no-vae-parallel (and SP=1) is the model as it was: the decode on rank 0, its FLOPs at TF32 x vae_eff,
+    nothing moved; README's 8.52 s for 14B 480p 4 steps on 8 x H100 (2.55 s DiT, 5.96 s VAE)."""
+    c = cap.calibration_for("H100")
+    w = cap.Workload(model="14B", steps=4, cfg=False, ulysses=8, vae_parallel=False)
+    p = cap.project(w)
+    assert p.stages["vae"] == cap.vae_decode_flops((21, 60, 104)) / 494.7e12 / c.vae_eff
+    assert (round(p.dit_s, 2), round(p.stages["vae"], 2), round(p.total_s, 2)) == (2.55, 5.96, 8.52)
+    assert cap.memory(w).vae_decode == int(c.vae_bytes_per_pixel * 832 * 480)
+    assert cap.project(cap.Workload(model="14B", steps=4, cfg=False)).stages == \
+        cap.project(cap.Workload(model="14B", steps=4, cfg=False, vae_parallel=False)).stages
+    i2v = cap.Workload(model="14B", task="i2v", steps=4, cfg=False, ulysses=8, vae_parallel=False)
+    clip = cap.clip_flops() / 989.4e12 / c.mfu
+    encode = cap.vae_encode_flops(81, 480, 832)
+    assert cap.project(i2v).stages["image"] == pytest.approx(clip + encode / 494.7e12 / c.vae_eff, rel=1e-12)
+    # split, the I2V encode is too: its band's share, the attention whole, halos (the stride-2 convs' row
+    # below only), the attention's all-gather and the latent's all-gather (every rank needs it)
+    t = cap.encode_traffic(81, 480, 832)
+    assert t.attn_flops == attention_flops(21, 60, 104)
+    moved = (2 * t.conv_row + t.down_row) * 4 + 7 * 8 * t.attn_row * 4 + 7 * 8 * 16 * 21 * 104 * 4
+    compute = (encode - t.attn_flops) * 8 / 60 + t.attn_flops
+    assert cap.project(dataclasses.replace(i2v, vae_parallel=True)).stages["image"] == pytest.approx(
+        clip + compute / 494.7e12 / c.vae_eff + moved / (c.comm_eff * 450e9), rel=1e-12)
+
+
+def test_calibration_keeps_the_unsplit_vae():
+    """The fit is on upstream Wan2.1's single-rank VAE: its values are those before the split existed."""
+    assert not cap.upstream_workload(8).vae_parallel
+    h100, a100 = cap.calibrate("H100").calibration, cap.calibrate("A100").calibration
+    assert (h100.mfu, h100.vae_eff, h100.comm_eff, h100.vae_bytes_per_pixel) == pytest.approx(
+        (0.3697854464071976, 0.09346076761974083, 0.2180333249367407, 21783.122105034723), rel=1e-9)
+    assert (a100.mfu, a100.vae_eff, a100.comm_eff, a100.vae_bytes_per_pixel) == pytest.approx(
+        (0.6300082608638169, 0.3187998104174283, 0.3388881468449137, 20336.362845775464), rel=1e-9)
+
+
+def test_acceptance_14b_480p_sp8():
+    """Issue 17: 14B 832x480 81 frames, 4 steps, no CFG, 8 x H100 SP=8: <= 4.0 s (from 8.5), the DiT >= 60 %."""
+    p = cap.project(cap.Workload(model="14B", steps=4, cfg=False, ulysses=8))
+    print(f"\n14B 480p SP=8: DiT {p.dit_s:.3f} s, VAE {p.stages['vae']:.3f} s, total {p.total_s:.3f} s")
+    assert p.total_s <= 4.0 and p.dit_s / p.total_s >= 0.60
+
+
+def tiny_decoder_hand_flops(f: int, h: int, w: int) -> int:
+    """TAEHV's decoder for Wan2.1 latents, written out (madebyollin/taehv; taew2_1's widths 256, 128, 64, 64):
+    conv 16 -> 256; per stage 3 MemBlocks (3x3 convs 2n -> n, n -> n, n -> n), Upsample x2, TGrow (1x1,
+    n -> n·stride; strides 1, 2, 2), 3x3 conv to the next width; conv 64 -> 3. All frames at once; of the 4F
+    frames the first 3 are trimmed, model/tae.py's run_blocks as early as possible: one frame (feeding two
+    outputs) before the last upsample and TGrow, one more before the last two convs."""
+    def conv(c_in, c_out, pixels, frames, k=3):
+        return 2 * k * k * c_in * c_out * pixels * frames
+
+    n_f, px = (256, 128, 64, 64), h * w
+    total = conv(16, 256, px, f) + 3 * (conv(512, 256, px, f) + 2 * conv(256, 256, px, f))
+    total += conv(256, 256, 4 * px, f, k=1) + conv(256, 128, 4 * px, f)  # TGrow stride 1, conv
+    total += 3 * (conv(256, 128, 4 * px, f) + 2 * conv(128, 128, 4 * px, f))
+    total += conv(128, 256, 16 * px, f, k=1) + conv(128, 64, 16 * px, 2 * f)  # TGrow stride 2, conv
+    total += 3 * (conv(128, 64, 16 * px, 2 * f) + 2 * conv(64, 64, 16 * px, 2 * f))
+    total += conv(64, 128, 64 * px, 2 * f - 1, k=1)  # TGrow on 2F - 1 frames -> 4F - 2
+    total += conv(64, n_f[3], 64 * px, 4 * f - 3) + conv(n_f[3], 3, 64 * px, 4 * f - 3)
+    return total
+
+
+def test_tiny_decoder_flops():
+    grid = (21, 60, 104)
+    tiny, full = cap.tiny_decode_flops(grid), cap.vae_decode_flops(grid)
+    assert tiny == tiny_decoder_hand_flops(*grid)  # counted on meta (model/tae.py) = the architecture
+    assert 10 < full / tiny < 100  # 11.3 TFLOP against 275: an order of magnitude and more
+    print(f"\n480p 81 frames: full decoder {full / 1e12:.1f} TFLOP, tiny {tiny / 1e12:.2f} TFLOP ({full / tiny:.0f}x)")
+    c = cap.calibration_for("H100")
+    w = cap.Workload(model="14B", steps=4, cfg=False, ulysses=8, decoder="tiny")
+    assert cap.project(w).stages["vae"] == tiny / 494.7e12 / c.vae_eff  # same vae_eff, whole on rank 0
+    with pytest.raises(ValueError, match="decoder"):
+        cap.Workload(decoder="taesd")
+
+
+def test_cli_vae_modes(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity.py"
+    spec = importlib.util.spec_from_file_location("capacity_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = ["--model", "14B", "--size", "832x480", "--steps", "4", "--no-cfg", "--sp", "8"]
+    runs = {}
+    for extra in ([], ["--no-vae-parallel"], ["--decoder", "tiny"]):
+        assert cli.main(args + extra) == 0
+        runs[" ".join(extra)] = json.loads(capsys.readouterr().out)
+    split, one, tiny = runs[""], runs["--no-vae-parallel"], runs["--decoder tiny"]
+    assert split["vae"]["mode"].startswith("full decoder split over 8 ranks") and split["vae"]["decode"]["max_rows"] == 8
+    assert one["vae"]["mode"] == "full decoder on rank 0 (--no-vae-parallel)"
+    assert (one["seconds"]["dit"], one["seconds"]["vae"], one["seconds"]["total"]) == (2.554, 5.955, 8.523)
+    assert split["seconds"]["total"] <= 4.0 and split["seconds"]["dit"] == one["seconds"]["dit"]
+    assert tiny["vae"]["decoder"] == "tiny" and "uncalibrated" in tiny["vae"]["tiny_decoder"]
+    assert tiny["flops"]["tiny_decode"] < tiny["flops"]["vae_decode"] / 10
+
+
+def test_readme_tables_are_the_generated_ones():
+    from pathlib import Path
+
+    from capacity import report
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert report.readme_tables() in readme, "README's sizing tables are stale: python benchmarks/capacity.py --table"
