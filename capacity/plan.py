@@ -22,7 +22,7 @@ from capacity.footprint import (
 )
 from capacity.hardware import GPU, GPUS
 from capacity.timing import Calibration, Projection, decode_split_of, project_with
-from capacity.vae_split import gather_buffer_bytes, split_working_bytes
+from capacity.vae_split import gather_buffer_bytes, max_band, split_working_bytes
 from capacity.workload import Workload
 
 
@@ -51,7 +51,7 @@ class Memory:
     capacity: float
     causvid_session: int  # one session on rank 0: its K/V cache share, cross-attention cache, VAE decoder state
     causvid_activations: int  # one CausVid block forward
-    causvid_decode: int  # the streaming decoder's working memory, on rank 0 whole (the split is one-shot only)
+    causvid_decode: int  # the streaming decoder's working memory: rank 0's band when split, else the whole frame
 
     @property
     def weights(self) -> int:
@@ -80,8 +80,9 @@ def memory(w: Workload, gpu: GPU | str = "H100", cal: Calibration | None = None)
     window = w.causvid_window or w.grid[0]
     block_tokens = min(window, w.causvid_block_frames) * w.frame_tokens
     split, whole = decode_split_of(w), int(cal.vae_bytes_per_pixel * w.width * w.height)
-    vae_decode = whole
-    if split.ranks > 1:  # rank 0: its band's working memory (halo rows included), or later its gather buffers
+    vae_decode, band_rows = whole, w.height  # band_rows: pixel rows of rank 0's band (a session's decoder state)
+    if split.ranks > 1:
+        band_rows = 8 * max_band(split.rows, split.ranks)  # rank 0: its band's working memory (halo rows included), or later its gather buffers
         vae_decode = max(split_working_bytes(cal.vae_bytes_per_pixel, w.width, split.rows, split.ranks),
                          gather_buffer_bytes(w.frames, w.height, w.width, split.rows, split.ranks))
     return Memory(
@@ -93,9 +94,11 @@ def memory(w: Workload, gpu: GPU | str = "H100", cal: Calibration | None = None)
         vae_decode=vae_decode,
         capacity=gpu.memory_bytes,
         # rank 0's share of a session: the K/V cache split over the SP group (Ulysses by heads, ring by
-        # tokens); the prompt's cross-attention K/V on every rank; the streaming VAE decoder state (rank 0)
+        # tokens); the prompt's cross-attention K/V on every rank; the streaming VAE decoder state, of rank 0's
+        # band of rows when the VAE is split (each rank keeps its band's causal cache, parallel/vae.py)
         causvid_session=(causvid_cache_bytes(arch, w.frame_tokens, window) // w.sp + cross_cache_bytes(arch)
-                         + stream_decoder_bytes(w.width, w.height)),
+                         + stream_decoder_bytes(w.width, band_rows)),
         causvid_activations=dit_activation_bytes(arch, block_tokens, w.sp, w.fp8_compute),
-        causvid_decode=whole,
+        causvid_decode=(split_working_bytes(cal.vae_bytes_per_pixel, w.width, split.rows, split.ranks)
+                        if split.ranks > 1 else whole),
     )

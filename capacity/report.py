@@ -227,7 +227,8 @@ def readme_tables() -> str:
         f"CausVid sessions next to the weights (T5 and VAE resident, {RESERVED_BYTES / GB:.0f} GB reserved, "
         f"counted on rank 0, the busiest GPU of a replica; a session holds its share of the K/V of every layer "
         f"for the window (split over the SP group), its prompt's cross-attention K/V (on every rank) and the "
-        f"streaming VAE decoder's state (fp32, rank 0). Idle sessions move to CPU memory and free all of it):"
+        f"streaming VAE decoder's state (fp32; split over the ranks by rows, rank 0's band). Idle sessions move "
+        f"to CPU memory and free all of it):"
         f"\n\n{causvid_table()}",
         f"Calibration: least squares on Wan2.1's published H100 14B 720p times (T2V 50 and I2V 40 steps, CFG; "
         f"1 GPU with offload, 2/4/8 GPUs FSDP + Ulysses). MFU {c.mfu:.3f} of 989 TFLOP/s BF16; VAE "

@@ -171,9 +171,13 @@ def test_causvid_cache_memory():
     assert m.causvid_session == cache + cap.cross_cache_bytes(WAN21_T2V_1_3B) + decoder
     free = 80e9 - cap.RESERVED_BYTES - m.weights - max(m.causvid_activations, m.vae_decode)
     assert m.causvid_sessions == int(free // m.causvid_session) > 0
-    # under SP only the K/V cache is split: every rank keeps the cross-attention cache, rank 0 the decoder
+    # under SP the K/V cache is split, every rank keeps the cross-attention cache, and the split VAE's streaming
+    # decoder keeps each rank's band of rows: rank 0's is ceil(60 / 8) = 8 latent rows (parallel/vae.py)
     sp8 = cap.memory(cap.Workload(model="1.3B", steps=4, cfg=False, causvid_window=21, ring=8), "H100")
-    assert sp8.causvid_session == cache // 8 + cap.cross_cache_bytes(WAN21_T2V_1_3B) + decoder
+    band = stream_decoder_state_bytes(8, 832 // VAE_SPACE_STRIDE)[-1]
+    assert sp8.causvid_session == cache // 8 + cap.cross_cache_bytes(WAN21_T2V_1_3B) + band
+    whole = cap.memory(cap.Workload(model="1.3B", steps=4, cfg=False, causvid_window=21, ring=8, vae_parallel=False))
+    assert whole.causvid_session == cache // 8 + cap.cross_cache_bytes(WAN21_T2V_1_3B) + decoder
 
 
 def test_activation_formula_on_known_cases():
@@ -429,8 +433,8 @@ def test_split_decode_time_is_the_band_plus_halo_and_gathers(model, split):
     # bands received, and their concatenation (the fp32 video)
     mem, band = cap.memory(w), 3 * 81 * 8 * m * 832 * 4
     assert mem.vae_decode == max(int(c.vae_bytes_per_pixel * 832 * (8 * m + 2)), (1 + p) * band + 3 * 81 * 480 * 832 * 4)
-    # the CausVid sessions' streaming decoder stays whole on rank 0 (model/causal_session.py)
-    assert mem.causvid_decode == cap.memory(dataclasses.replace(w, vae_parallel=False)).vae_decode
+    # a CausVid session's streaming decoder works on rank 0's band too (its per-pixel memory, + a halo row each side)
+    assert mem.causvid_decode == int(c.vae_bytes_per_pixel * 832 * (8 * m + 2))
 
 
 def test_no_vae_parallel_reproduces_the_unsplit_model():
