@@ -26,7 +26,40 @@ from training.demo import CONFIGS, generate, load_pipeline, skipped
 from training.quality import score, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"teacher_min": 0.80, "distill_within": 0.10, "causal_within": 0.15, "e2e_speedup_min": 15.0}
+TARGETS = {"teacher_min": 0.80, "distill_within": 0.10, "causal_within": 0.15, "e2e_speedup_min": 15.0,
+           "tiny_e2e_speedup_min": 20.0, "tiny_decode_speedup_min": 10.0, "tiny_psnr_min_db": 28.0,
+           "tiny_adherence_within": 0.03}
+TAE = "taew2_1_demo.pth"  # the demo model's tiny decoder (training/tae.py), inside the model folder
+
+
+def tiny_pipeline(model: Path):
+    """The 4-step student decoding with the tiny decoder (use_tae), or None when the model folder has none."""
+    if not (model / TAE).is_file():
+        return None
+    from model.config import load_run_config
+    model_cls, config = CONFIGS["distill"]
+    cfg = load_run_config(ROOT / config, model_cls=model_cls, task="t2v", tae_path=TAE, use_tae=True)
+    return cfg.model_class.pipeline_class().from_pretrained(model, cfg)
+
+
+def decoder_rounds(pipe, prompts: list[str]) -> dict:
+    """The two decoders on the same latents (the student's, one per prompt): seconds (min of 3 each, 1 thread)
+    and the PSNR of the tiny decode against the full one."""
+    from training.tae import psnr
+    full, tiny, db = [], [], []
+    for i, prompt in enumerate(prompts):
+        lat = pipe.generate(prompt, seed=3000 + i).latents[None]
+        for _ in range(3):
+            t0 = time.perf_counter()
+            ref = pipe.decode(lat, "full")
+            full.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            got = pipe.decode(lat, "tiny")
+            tiny.append(time.perf_counter() - t0)
+        db.append(psnr(got, ref))
+    return {"full_decode_s": round(min(full), 5), "tiny_decode_s": round(min(tiny), 5),
+            "decode_speedup": round(min(full) / min(tiny), 2), "psnr_db_mean": round(statistics.mean(db), 2),
+            "psnr_db_min": round(min(db), 2), "clips": len(prompts)}
 
 
 def run_variant(pipe, variant: str, prompts: list[str], out: Path) -> dict:
@@ -48,8 +81,8 @@ def run_variant(pipe, variant: str, prompts: list[str], out: Path) -> dict:
                 k: r["detected"][k] for k in ("shape", "colour", "direction", "background")}} for r in results]}
 
 
-def speed_rounds(teacher, distill, rounds: int) -> dict:
-    t, d = [], []
+def speed_rounds(teacher, distill, rounds: int, tiny=None) -> dict:
+    t, d, dt = [], [], []
     for r in range(rounds):
         p = data.eval_prompts(rounds)[r]
         t0 = time.perf_counter()
@@ -59,10 +92,18 @@ def speed_rounds(teacher, distill, rounds: int) -> dict:
             t0 = time.perf_counter()
             generate(distill, "distill", p, 2000 + r)
             d.append(time.perf_counter() - t0)
+            if tiny is not None:
+                t0 = time.perf_counter()
+                generate(tiny, "distill", p, 2000 + r)
+                dt.append(time.perf_counter() - t0)
     tm, dm = statistics.median(t), statistics.median(d)
-    return {"teacher_min_s": round(min(t), 4), "distill_min_s": round(min(d), 4),
-            "e2e_speedup": round(min(t) / min(d), 2), "rounds": rounds,
-            "teacher_median_s": round(tm, 4), "distill_median_s": round(dm, 4), "e2e_speedup_median": round(tm / dm, 2)}
+    out = {"teacher_min_s": round(min(t), 4), "distill_min_s": round(min(d), 4),
+           "e2e_speedup": round(min(t) / min(d), 2), "rounds": rounds,
+           "teacher_median_s": round(tm, 4), "distill_median_s": round(dm, 4), "e2e_speedup_median": round(tm / dm, 2)}
+    if dt:  # the same student, its frames from the tiny decoder
+        out.update({"distill_tiny_min_s": round(min(dt), 4), "e2e_speedup_tiny": round(min(t) / min(dt), 2),
+                    "e2e_speedup_tiny_median": round(tm / statistics.median(dt), 2)})
+    return out
 
 
 def main(argv=None) -> None:
@@ -71,7 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speed-rounds", type=int, default=3)
-    ap.add_argument("--skip", action="append", default=[], choices=sorted(CONFIGS))
+    ap.add_argument("--skip", action="append", default=[], choices=sorted([*CONFIGS, "tiny"]))
     ap.add_argument("--out", default=None, help="keep the mp4s here (default: a temporary directory)")
     ap.add_argument("--per-prompt", action="store_true", help="include every clip's detection in the JSON")
     args = ap.parse_args(argv)
@@ -94,8 +135,15 @@ def main(argv=None) -> None:
             report[variant] = res
             print(f"{variant}: adherence {res['adherence']:.3f} full {res['full']:.3f} "
                   f"{res['seconds']['median']:.3f} s/video", file=sys.stderr, flush=True)
+        tiny = tiny_pipeline(model) if "distill" in pipes and "tiny" not in args.skip else None
+        if tiny is not None:  # the student through the tiny decoder: adherence, decode speed and PSNR
+            res = run_variant(tiny, "distill", prompts, out / "tiny")
+            if not args.per_prompt:
+                res.pop("per_prompt")
+            report["distill_tiny"] = res
+            report["tiny_decoder"] = decoder_rounds(tiny, prompts[:8])
         if "teacher" in pipes and "distill" in pipes:
-            report["speed"] = speed_rounds(pipes["teacher"], pipes["distill"], args.speed_rounds)
+            report["speed"] = speed_rounds(pipes["teacher"], pipes["distill"], args.speed_rounds, tiny)
             report["speed"]["e2e_speedup_median_of_adherence_pass"] = round(
                 report["teacher"]["seconds"]["median"] / report["distill"]["seconds"]["median"], 2)
     if "teacher" in report:
@@ -107,6 +155,14 @@ def main(argv=None) -> None:
             acc["causal_within_15_points"] = report["causal"]["adherence"] >= t - TARGETS["causal_within"]
         if "speed" in report:
             acc["distill_e2e_speedup_ge_15x"] = report["speed"]["e2e_speedup"] >= TARGETS["e2e_speedup_min"]
+        if "distill_tiny" in report and "distill" in report:
+            td = report["tiny_decoder"]
+            acc["tiny_adherence_within_0.03"] = (abs(report["distill_tiny"]["adherence"] - report["distill"]["adherence"])
+                                                 <= TARGETS["tiny_adherence_within"])
+            acc["tiny_decode_ge_10x_faster"] = td["decode_speedup"] >= TARGETS["tiny_decode_speedup_min"]
+            acc["tiny_psnr_ge_28db"] = td["psnr_db_mean"] >= TARGETS["tiny_psnr_min_db"]
+            if "e2e_speedup_tiny" in report.get("speed", {}):
+                acc["distill_tiny_e2e_speedup_ge_20x"] = report["speed"]["e2e_speedup_tiny"] >= TARGETS["tiny_e2e_speedup_min"]
         report["acceptance"] = acc
     print(json.dumps(report))
 

@@ -1,6 +1,6 @@
 """The Wan2.1 VAE split over ranks (parallel/vae.py): whole-video decode and encode, 1 rank vs 2 ranks, on CPU.
 
-    python benchmarks/vae_parallel.py [--height 128 --width 128 --frames 9 --repeats 2 --ranks 2]
+    python benchmarks/vae_parallel.py [--height 256 --width 256 --frames 5 --repeats 2 --ranks 2]
 
 Release channel widths (base_dim 96, z 16; random weights: the time does not depend on them) at a reduced
 spatial size. Each configuration runs in fresh spawned processes, one thread each, over gloo; the 1-rank
@@ -64,9 +64,9 @@ def worker(rank, world_size, addr, port, shape, repeats):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--height", type=int, default=128)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--frames", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args(argv)

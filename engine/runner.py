@@ -101,10 +101,10 @@ class ParallelRunner:
     def share_conditioning(self, cond: Conditioning | None, error: BaseException | None = None) -> Conditioning:
         """Rank 0's conditioning (or its error, raised on every rank) on every rank: shapes first, then tensors."""
         rank0 = self.group.rank == 0 and cond is not None
-        tensors, seed = share_tensors(self.group, cond.tensors() if rank0 else None, cond.seed if rank0 else None,
-                                      error)
+        tensors, (seed, decoder) = share_tensors(self.group, cond.tensors() if rank0 else None,
+                                                 (cond.seed, cond.decoder) if rank0 else None, error)
         return Conditioning(tensors["context"], tensors["context_null"], tensors["clip_fea"], tensors["y"],
-                            tensors["noise"], seed)
+                            tensors["noise"], seed, decoder)
 
     def _cfg_parallel(self, dit, x, t, ctx, ctx_null, extra):
         """This rank's CFG branch, the other branch's flow gathered, combined as the serial sampler does."""
@@ -163,28 +163,28 @@ class ParallelRunner:
             with timer("dit"):
                 latents, nfe = pipe.denoise(cond, on_step, collective_cancel(group, cancel), guidance=self.guidance)
             timer.timings["communication"] = self.stats.seconds
-            split = isinstance(pipe.vae, SplitVAE)
+            split = isinstance(pipe.vae, SplitVAE) and cond.decoder == "full"  # the tiny decoder: rank 0 alone
             if split:  # every rank decodes its band, rank 0 gets the video
                 group.phase = "decode"
-                decoded = self._decode(latents, timer, mp4)
+                decoded = self._decode(latents, timer, mp4, "full")
             group.phase = "idle"
         if group.rank != 0:
             return None
-        video, encoded, size = decoded if split else self._decode(latents, timer, mp4)
+        video, encoded, size = decoded if split else self._decode(latents, timer, mp4, cond.decoder)
         on_step(Progress("vae", 1, 1))
         group.phase = "idle"
         timer.timings["total"] = time.perf_counter() - t0
         return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=pipe.cfg.fps, mp4=encoded,
-                          size=size)
+                          size=size, decoder=cond.decoder)
 
-    def _decode(self, latents: torch.Tensor, timer: StageTimer, mp4: bool):
+    def _decode(self, latents: torch.Tensor, timer: StageTimer, mp4: bool, decoder: str):
         """(video, mp4 bytes, size): the video tensor, or (mp4) its frames encoded as they decode."""
         pipe = self.pipe
         with timer("vae"):
             if mp4:
-                encoded, size = pipe.decode_mp4(latents, timer)
+                encoded, size = pipe.decode_mp4(latents, timer, decoder)
                 return None, encoded, size
-            if isinstance(pipe.vae, SplitVAE):
+            if decoder == "full" and isinstance(pipe.vae, SplitVAE):
                 video = pipe.vae.decode(latents.to(pipe.device))
                 return (video[0].cpu() if video is not None else None), None, None
-            return pipe.decode(latents), None, None
+            return pipe.decode(latents, decoder), None, None

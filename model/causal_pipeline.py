@@ -22,8 +22,9 @@ from .config import ConfigError, RunConfig
 from .dit import WanModel
 from .encoders import TextEncoder
 from .compile import keep_attention_eager
-from .pipeline import CancelFn, Generation, ProgressFn, RequestError, check_prompt, load_components
+from .pipeline import CancelFn, Generation, ProgressFn, RequestError, check_prompt, load_components, load_tiny_decoder
 from .schedulers import make_sampler
+from .tae import TinyDecoder
 from .vae import WanVAE
 from .validation import validated
 
@@ -92,6 +93,7 @@ class CausVidPipeline:
                  device: str | torch.device = "cpu"):
         check_causvid(cfg, dit.arch)
         self.dit, self.text_encoder, self.vae, self.cfg = dit, text_encoder, vae, cfg
+        self.tiny: TinyDecoder | None = None  # the tiny decoder (tae_path), rank 0 only
         self.denoise_only = text_encoder is None and vae is None
         self.device = torch.device(device)
         self.arch = dit.arch
@@ -108,7 +110,16 @@ class CausVidPipeline:
         """`<model_path>/causvid_models/causal_model.{safetensors,pt}` (or `dit_original_ckpt`; with lora_configs
         the base DiT plus LoRAs, as LightX2V), the base folder's T5 and VAE (not with denoise_only)."""
         dit, text, vae, _ = load_components(model_path, cfg, check_causvid, device, dtype, lora_roots, denoise_only)
-        return cls(dit, text, vae, cfg, device)
+        pipe = cls(dit, text, vae, cfg, device)
+        pipe.tiny = None if denoise_only else load_tiny_decoder(model_path, cfg, vae, device)
+        return pipe
+
+    def stream_decoder(self):
+        """A session's streaming decoder: the tiny one under use_tae (rank 0 alone), else the VAE's (a split VAE's
+        on every rank); None on a rank that decodes nothing."""
+        if self.cfg.use_tae:
+            return self.tiny.stream_decoder() if self.tiny is not None else None
+        return self.vae.stream_decoder() if self.vae is not None else None
 
     # ---- requests --------------------------------------------------------------------------------
     def check_request(self, seed: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:

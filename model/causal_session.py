@@ -62,7 +62,7 @@ class CausalSession:
         self.prompt = prompt
         self.cache = pipe.causal.new_cache()  # self-attention K/V
         self._ctx_kv: list | None = None  # cross-attention K/V of self.prompt, per layer
-        self._decoder = pipe.vae.stream_decoder() if pipe.vae is not None else None  # None: a rank > 0 of an SP group
+        self._decoder = pipe.stream_decoder()  # None: a rank that decodes nothing (causal_pipeline.py)
         self._noise_gen = torch.Generator("cpu").manual_seed(seed)  # block noise
         self._step_gen = torch.Generator("cpu").manual_seed(seed + 1)  # fresh-noise re-noising
         self._prompts = [prompt]  # every prompt used, in order of first use
@@ -148,7 +148,7 @@ class CausalSession:
     def memory_bytes(self) -> dict[str, int]:
         """Everything the session holds: caches and decoder state (on `self.device`), latents and frames (CPU)."""
         return {"kv_cache": self.cache.nbytes(), "cross_attention": tensor_bytes(self._ctx_kv),
-                "decoder": tensor_bytes(self._decoder.feat_cache) if self._decoder is not None else 0,
+                "decoder": tensor_bytes(self._decoder.state_tensors()) if self._decoder is not None else 0,
                 "latents": tensor_bytes(list(self._latents.values())), "video": sum(f.nbytes for f in self._frames)}
 
     def to(self, device: str | torch.device, copy: bool = False) -> "CausalSession":
@@ -161,8 +161,7 @@ class CausalSession:
         if self._ctx_kv is not None:
             self._ctx_kv = [tuple(t.to(device, copy=copy) for t in kv) for kv in self._ctx_kv]
         if self._decoder is not None:
-            self._decoder.feat_cache = [t.to(device, copy=copy) if isinstance(t, torch.Tensor) else t
-                                        for t in self._decoder.feat_cache]
+            self._decoder.to(device, copy)
         self.device = device
         return self
 
@@ -174,7 +173,7 @@ class CausalSession:
         self.cache.reset()
         self._ctx_kv = None
         if self._decoder is not None:
-            self._decoder.feat_cache = [None] * len(self._decoder.feat_cache)
+            self._decoder.clear()
         self._frames.clear()
 
     # ---- prompts -------------------------------------------------------------------------------------

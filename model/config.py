@@ -162,6 +162,11 @@ class RunConfig(BaseModel):
     # wanserve: how fp8 weights multiply: scaled fp8 GEMMs where the GPU has them ("auto"), always
     # ("scaled_mm", an error where unsupported), or dequantized to the compute dtype first ("dequant")
     dit_fp8_compute: Literal["auto", "scaled_mm", "dequant"] = "auto"
+    # LightX2V's tiny decoder keys (model/tae.py: TAEHV for Wan latents, e.g. taew2_1.pth): tae_path loads it
+    # (relative paths: inside the model folder), use_tae makes it the default decoder; a request may ask for
+    # either with `decoder` ("full" | "tiny") when tae_path is set
+    use_tae: bool = False
+    tae_path: str | None = None
 
     @field_validator("target_video_length")
     @classmethod
@@ -222,6 +227,8 @@ class RunConfig(BaseModel):
         if self.warmup_sizes and not self.compile:
             raise ValueError(f"warmup_sizes = {self.warmup_sizes}: warm-up compiles the DiT; set compile = true or drop "
                              "the key")
+        if self.use_tae and not self.tae_path:
+            raise ValueError("use_tae = true: needs tae_path (the tiny decoder's weights, e.g. taew2_1.pth)")
         if self.dit_fp8_compute == "scaled_mm" and not (self.dit_quantized and self.dit_quant_scheme.startswith("fp8")):
             raise ValueError("dit_fp8_compute = 'scaled_mm': needs fp8 weights (dit_quantized = true with an fp8-* "
                              "dit_quant_scheme)")

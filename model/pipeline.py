@@ -29,7 +29,8 @@ from .files import write_atomic
 from .kernels import resolve_kernels
 from .loader import default_dtype, load_pipeline_dit, read_dit_arch
 from .schedulers import make_sampler
-from .vae import WanVAE
+from .tae import TinyDecoder
+from .vae import WanVAE, stream_chunks
 from .validation import validated
 from .video import encode_mp4, write_mp4
 
@@ -43,6 +44,9 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
 
 class RequestError(ValueError):
     """The request cannot be generated as asked (bad prompt, size, frames, missing image...)."""
+
+
+DECODERS = ("full", "tiny")  # the VAE's decoder, or the tiny one (TAEHV, tae_path)
 
 
 def check_prompt(prompt: object, limit: int, param: str = "prompt") -> str:
@@ -81,6 +85,7 @@ class Conditioning:
     y: torch.Tensor | None  # [1, 4 + z_dim, F, H, W] mask + image latent (I2V)
     noise: torch.Tensor  # [1, z_dim, F, H, W] float32, from the seed
     seed: int
+    decoder: str = "full"  # which decoder turns the latents into pixels: "full" (the VAE) or "tiny" (TAEHV)
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"context": self.context, "context_null": self.context_null, "clip_fea": self.clip_fea, "y": self.y,
@@ -97,6 +102,7 @@ class Generation:
     fps: int = 16
     mp4: bytes | None = None  # the video's mp4 file, when it was encoded as it decoded (`decode_mp4`)
     size: tuple[int, int, int] | None = None  # (frames, height, width) of the video
+    decoder: str = "full"  # the decoder that made the pixels ("full" | "tiny")
 
     def __post_init__(self):
         if self.size is None and self.video is not None:
@@ -118,6 +124,7 @@ class Request:
     height: int | None = None
     width: int | None = None
     prompt_schedule: list | None = None  # CausVid one call: [(prompt, fragments), ...] (causal_pipeline.fragment_prompts)
+    decoder: str | None = None  # "full" | "tiny" (needs tae_path); None: the config's (use_tae: tiny)
 
 
 class StageTimer:
@@ -197,6 +204,7 @@ class WanPipeline:
                  image_encoder: ImageEncoder | None = None, device: str | torch.device = "cpu"):
         """text_encoder and vae None: a denoise-only pipeline (the ranks > 0 of a parallel group)."""
         self.dit, self.text_encoder, self.vae, self.image_encoder = dit, text_encoder, vae, image_encoder
+        self.tiny: TinyDecoder | None = None  # the tiny decoder (tae_path), rank 0 only
         self.denoise_only = text_encoder is None and vae is None
         self.cfg = cfg
         self.device = torch.device(device)
@@ -212,7 +220,9 @@ class WanPipeline:
                         denoise_only: bool = False) -> "WanPipeline":
         """denoise_only: load the DiT alone (the ranks > 0 of a parallel group never encode or decode)."""
         dit, text, vae, image = load_components(model_path, cfg, check_task, device, dtype, lora_roots, denoise_only)
-        return cls(dit, text, vae, cfg, image, device)
+        pipe = cls(dit, text, vae, cfg, image, device)
+        pipe.tiny = None if denoise_only else load_tiny_decoder(model_path, cfg, vae, device)
+        return pipe
 
     # ---------------------------------------------------------------------------------------------
     def check(self, req: Request) -> Request:
@@ -231,7 +241,17 @@ class WanPipeline:
         if cfg.task == "t2v" and req.image is not None:
             raise RequestError("an image was given but this model is text-to-video; use an i2v model")
         return Request(req.prompt, req.negative_prompt, req.image, merged.seed, merged.target_video_length,
-                       merged.target_height, merged.target_width)
+                       merged.target_height, merged.target_width, decoder=self.check_decoder(req.decoder))
+
+    def check_decoder(self, decoder: str | None) -> str:
+        """A request's decoder ("full" | "tiny"), or the config's default (use_tae: "tiny")."""
+        if decoder is None:
+            return "tiny" if self.cfg.use_tae else "full"
+        if decoder not in DECODERS:
+            raise RequestError(f"decoder = {decoder!r}: must be one of {list(DECODERS)}")
+        if decoder == "tiny" and self.cfg.tae_path is None:
+            raise RequestError("decoder = 'tiny': this model has no tiny decoder (its config sets no tae_path)")
+        return decoder
 
     def i2v_first_frame(self, req: Request) -> torch.Tensor:
         """I2V: the request's image as the VAE encodes it, [3, h, w] in [-1, 1] at the size `i2v_size` picks."""
@@ -269,7 +289,8 @@ class WanPipeline:
         gen = torch.Generator("cpu").manual_seed(req.seed)
         shape = (1, arch.out_dim, latent_frames(req.frames), h // 8, w // 8)
         noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-        return Conditioning(ctx[:1], ctx[1:] if cfg.enable_cfg else None, clip_fea, y, noise, req.seed)
+        return Conditioning(ctx[:1], ctx[1:] if cfg.enable_cfg else None, clip_fea, y, noise, req.seed,
+                            req.decoder or "full")
 
     def _need_codecs(self, what: str) -> None:
         if self.denoise_only:
@@ -313,27 +334,38 @@ class WanPipeline:
                 raise Cancelled(f"cancelled after step {i + 1} of {n}")
         return x, nfe
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decoder(self, name: str = "full"):
+        """The module behind a decoder name: the VAE ("full") or the tiny decoder ("tiny")."""
         self._need_codecs("decode")
-        return self.vae.decode(latents.to(self.device))[0].cpu()
+        if name == "tiny":
+            if self.tiny is None:
+                raise RequestError("decoder = 'tiny': this model has no tiny decoder (its config sets no tae_path)")
+            return self.tiny
+        return self.vae
 
     @torch.no_grad()
-    def decode_mp4(self, latents: torch.Tensor, timer: StageTimer | None = None) -> tuple[bytes | None, tuple]:
+    def decode(self, latents: torch.Tensor, decoder: str = "full") -> torch.Tensor:
+        return self.decoder(decoder).decode(latents.to(self.device))[0].cpu()
+
+    @torch.no_grad()
+    def decode_mp4(self, latents: torch.Tensor, timer: StageTimer | None = None,
+                   decoder: str = "full") -> tuple[bytes | None, tuple]:
         """(mp4 bytes, (frames, height, width)): each latent frame's pixels go to the encoder as they are decoded,
         so the decode + encode stage holds a few frames, not the video. Every rank of a split VAE calls it
         (parallel/vae.py); the ones that get no pixels return (None, ()). timer gets "mp4": the encoder's share."""
         if self.vae is None:
             raise RuntimeError("decode_mp4: this pipeline has no VAE (denoise_only)")
         timer = timer or StageTimer(self.device)
-        chunks = (c[0] if c is not None else None for c in self.vae.decode_chunks(latents.to(self.device)))
+        chunks = stream_chunks(self.decoder(decoder), latents.to(self.device))  # one latent frame at a time
+        chunks = (c[0] if c is not None else None for c in chunks)
         return encode_mp4(chunks, self.cfg.fps, lambda: timer("mp4"))
 
     # ---------------------------------------------------------------------------------------------
     def generate(self, prompt: str, negative_prompt: str | None = None, image=None, seed: int | None = None,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
-                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Generation:
-        req = self.check(Request(prompt, negative_prompt, image, seed, frames, height, width))
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                 decoder: str | None = None) -> Generation:
+        req = self.check(Request(prompt, negative_prompt, image, seed, frames, height, width, decoder=decoder))
         timer = StageTimer(self.device)
         t0 = time.perf_counter()
         cond = self.encode(req, timer, progress)
@@ -342,11 +374,11 @@ class WanPipeline:
         with timer("dit"):
             latents, nfe = self.denoise(cond, progress, cancel)
         with timer("vae"):
-            video = self.decode(latents)
+            video = self.decode(latents, req.decoder)
         if progress:
             progress(Progress("vae", 1, 1))
         timer.timings["total"] = time.perf_counter() - t0
-        return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=self.cfg.fps)
+        return Generation(video, latents[0].cpu(), req.seed, nfe, timer.timings, fps=self.cfg.fps, decoder=req.decoder)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -386,6 +418,27 @@ def load_components(model_path: str | Path, cfg: RunConfig, check: Callable, dev
                                quant_scheme=cfg.clip_quant_scheme if cfg.clip_quantized else None)
              if cfg.task == "i2v" else None)
     return dit, text, vae, image
+
+
+def load_tiny_decoder(model_path: str | Path, cfg: RunConfig, vae: WanVAE | None,
+                      device: str | torch.device = "cpu") -> TinyDecoder | None:
+    """The config's tiny decoder (tae_path; relative: inside the model folder), None without tae_path. It decodes
+    the VAE's latents, so their channels must match."""
+    if cfg.tae_path is None:
+        return None
+    path = Path(cfg.tae_path)
+    if not path.is_absolute():
+        root = ModelFolder.open(model_path).root
+        path = (root / path).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise CheckpointError(f"tae_path = {cfg.tae_path!r}: a relative path must stay inside the model folder")
+    if not path.is_file():
+        raise CheckpointError(f"tae_path = {cfg.tae_path!r}: no such file ({path})")
+    tiny = TinyDecoder.load(path, device=device)
+    if vae is not None and tiny.z_dim != vae.z_dim:
+        raise CheckpointError(f"tae_path = {cfg.tae_path!r}: the tiny decoder eats {tiny.z_dim} latent channels, this "
+                              f"model's VAE makes {vae.z_dim}")
+    return tiny
 
 
 def load_vae(folder: ModelFolder | str | Path, device: str | torch.device = "cpu") -> WanVAE:

@@ -240,9 +240,15 @@ class WanVAE:
         """`decode`'s video one latent frame's pixel frames at a time ([B, 3, 1 or 4, H, W]), through a fresh
         stream decoder: the same frames (StreamDecoder), but the whole video never exists at once. (A split
         VAE's stream decoder yields None on the ranks that do not get the pixels.)"""
-        stream = self.stream_decoder()
-        for i in range(latents.shape[2]):
-            yield stream.decode(latents[:, :, i:i + 1])
+        return stream_chunks(self, latents, 1)
+
+
+def stream_chunks(decoder, latents: torch.Tensor, per_chunk: int = 1) -> Iterator[torch.Tensor | None]:
+    """A decoder's video (`decoder.stream_decoder()`: the VAE's, a split VAE's, the tiny decoder's), per_chunk
+    latent frames at a time: chunk by chunk equals the whole decode."""
+    stream = decoder.stream_decoder()
+    for i in range(0, latents.shape[2], per_chunk):
+        yield stream.decode(latents[:, :, i:i + per_chunk])
 
 
 def _cache_slots(decoder) -> list[bool]:
@@ -302,6 +308,17 @@ class StreamDecoder:
         # how many latent frames `resume` needs (`decoder_history`): 38 for every Wan2.1 VAE release; walked once
         # here, not on every block a session prunes after
         self.history_frames = decoder_history(vae.model.decoder)
+
+    # ---- the state, as a session keeps it (the tiny decoder's stream decoder has the same three) ----
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.feat_cache if isinstance(t, torch.Tensor)]
+
+    def to(self, device: str | torch.device, copy: bool = False) -> StreamDecoder:
+        self.feat_cache = [t.to(device, copy=copy) if isinstance(t, torch.Tensor) else t for t in self.feat_cache]
+        return self
+
+    def clear(self) -> None:
+        self.feat_cache = [None] * len(self.feat_cache)
 
     def _frames(self, latents: torch.Tensor):
         """Each latent frame's raw decoder output in turn, advancing the cache."""

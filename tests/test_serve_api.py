@@ -12,6 +12,8 @@ import json
 from collections import Counter
 
 import pytest
+import torch
+from helpers import torch_threads
 from serve_support import (
     BASE_CFG,
     DISTILL_CFG,
@@ -28,6 +30,8 @@ from serve_support import (
     write_models,
 )
 
+from model.tae import TAEHV, save_tae
+
 TOKEN = "test-token-123"
 APP = "serve_api"
 
@@ -36,6 +40,7 @@ APP = "serve_api"
 def env(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_api")
     models = write_models(root / "models")
+    save_tae(TAEHV(4, (8, 8, 8, 4), encoder=False), models["t2v"] / "tae" / "tiny.pth")  # random: a known decoder
     write_lora(root / "loras" / "style.safetensors")
     write_lora(root / "loras" / "broken.safetensors", rank_dim=47)  # does not fit the model
     images = root / "images"
@@ -44,7 +49,8 @@ def env(ray_session, tmp_path_factory):
     (root / "secret.png").write_bytes(png_bytes(seed=4))
     args = {
         "state_dir": str(root / "state"),
-        "models": [model_entry("fast", models["t2v"], "wan2.1_distill", "t2v", DISTILL_CFG),
+        "models": [model_entry("fast", models["t2v"], "wan2.1_distill", "t2v", DISTILL_CFG,
+                               config={"tae_path": "tae/tiny.pth"}),
                    model_entry("slow", models["t2v"], "wan2.1", "t2v", BASE_CFG, config={"infer_steps": 400}),
                    model_entry("i2v", models["i2v"], "wan2.1_distill", "i2v", DISTILL_CFG, config={"text_len": 512})],
         "image_roots": [str(images)],
@@ -211,6 +217,8 @@ BAD = [
     ({"prompt": "x", "model": "i2v", "image": "A" * 100}, 400, "not a readable image"),
     ({"prompt": "x", "colour": "red"}, 422, "colour: unknown field"),
     ({"prompt": "x", "num_fragments": 2}, 400, "only CausVid"),
+    ({"prompt": "x", "model": "slow", "decoder": "tiny"}, 400, "has no tiny decoder"),
+    ({"prompt": "x", "decoder": "small"}, 422, "decoder"),
     ({"prompt": "x", "prompt_schedule": [{"prompt": "x", "fragments": 1}]}, 400, "prompt_schedule: only CausVid"),
 ]
 
@@ -240,6 +248,33 @@ def test_auth_upload_and_content_type_errors(env, api):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert api.get("/v1/videos/vid_" + "0" * 24).status_code == 404
     assert api.post("/v1/sessions", json={"prompt": "x", "model": "fast"}).status_code == 400
+
+
+def test_tiny_decoder_per_request(env, api, tmp_path):
+    """decoder: "tiny" on a model whose config has tae_path: the served mp4 is the in-process pipeline's tiny
+    decode of the same request (same bytes), and differs from the full decode; GET /v1/models lists it."""
+    from model.config import load_run_config
+    from model.pipeline import WanPipeline
+    from model.video import encode_mp4
+
+    info = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert info["fast"]["decoders"] == ["full", "tiny"] and info["fast"]["decoder"] == "full"
+    assert info["slow"]["decoders"] == ["full"]
+    urls = {}
+    for decoder in ("tiny", "full"):
+        done = api.wait(api.submit(model="fast", prompt="a red fox", seed=9, decoder=decoder, **SMALL)["id"], 90)
+        assert done["status"] == "completed", done
+        urls[decoder] = api.get(done["url"]).content
+    entry = env["args"]["models"][0]
+    cfg = json.loads(open(entry["config_json"]).read())
+    pipe = WanPipeline.from_pretrained(entry["model_path"], load_run_config(
+        {**cfg, **entry["config"], "target_height": 32, "target_width": 48, "target_video_length": 5},
+        model_cls="wan2.1_distill"))
+    with torch.no_grad(), torch_threads(1):  # as the replica's rank runs (num_threads 1)
+        gen = pipe.generate("a red fox", seed=9, decoder="tiny")
+    assert urls["tiny"] == encode_mp4([gen.video], pipe.cfg.fps)[0]
+    assert urls["tiny"] != urls["full"]
+    assert decode(urls["tiny"], tmp_path).shape == (5, 32, 48, 3)
 
 
 def test_lora_job(api, tmp_path):

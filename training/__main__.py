@@ -21,6 +21,7 @@ STAGES = {
     "dmd": "training.dmd",  # DMD: generator / critic / frozen teacher
     "causal-ode": "training.selfforcing",  # causal student: ODE regression under the block-causal mask
     "causal": "training.selfforcing",  # causal student: Self-Forcing DMD over the KV cache
+    "tae": "training.tae",  # tiny TAEHV decoder regressed onto the demo VAE's decodes
     "export": "training.export",  # write demo_model/
 }
 

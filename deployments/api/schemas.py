@@ -47,6 +47,9 @@ class VideoCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     loras: list[str | LoraRef] | None = Field(None, description="LoRA names (or {name, strength}) from GET /v1/models")
     num_fragments: int | None = Field(None, ge=1, description="CausVid models: fragments in one call")
+    decoder: Literal["full", "tiny"] | None = Field(
+        None, description="full: the Wan VAE; tiny: the model's tiny decoder (TAEHV, fast previews; models whose "
+                          "config has tae_path). Default: the model's (use_tae: tiny)")
     prompt_schedule: list[PromptSpan] | None = Field(
         None, min_length=1, description="CausVid models: prompts with durations, run in order (the first is `prompt`; "
                                         "num_fragments, if given, their total); the cache is re-cached at each switch")
@@ -66,6 +69,7 @@ class VideoCreateForm(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     loras: str | None = Field(None, description="comma-separated LoRA names, or a JSON list")
     num_fragments: int | None = Field(None, ge=1)
+    decoder: Literal["full", "tiny"] | None = None
 
 
 class JobError(BaseModel):
@@ -141,6 +145,8 @@ class ModelInfo(BaseModel):
                                       "replica that cannot run one fails to load instead of falling back")
     runtime: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per running replica: the "
                                                "attention kernels, SP backend, compile and warm-up it runs")
+    decoders: list[str] = Field(["full"], description="what `decoder` may ask for: full (the Wan VAE), tiny (TAEHV)")
+    decoder: str = Field("full", description="the decoder a request gets by default")
 
 
 class ModelList(BaseModel):

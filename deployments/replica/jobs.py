@@ -65,7 +65,7 @@ class JobBodies:
                 return
             timings["lora_reload"] = time.perf_counter() - t
         request = Request(job["prompt"], job.get("negative_prompt"), job.get("image"), job.get("seed"),
-                          job.get("num_frames"), job.get("height"), job.get("width"))
+                          job.get("num_frames"), job.get("height"), job.get("width"), decoder=job.get("decoder"))
         # mp4=True: rank 0 feeds the encoder frame by frame as it decodes (no whole-video tensor anywhere)
         gen = await self.guarded(emit, lambda: polled(lambda: self.driver.group.run(request, self.spec.job_timeout_s,
                                                                                     mp4=True)))

@@ -239,6 +239,15 @@ class Catalog:
         if loras and spec.causvid:
             raise bad_request("LoRAs are not supported with CausVid models", "loras", "unsupported")
         req["loras"] = loras
+        decoder = body.get("decoder")
+        if decoder is not None:
+            if spec.causvid:
+                raise bad_request("decoder: CausVid models decode with their config's decoder (use_tae)", "decoder",
+                                  "unsupported")
+            if decoder == "tiny" and cfg.tae_path is None:
+                raise bad_request(f"decoder = 'tiny': model {spec.name} has no tiny decoder (its config sets no "
+                                  "tae_path)", "decoder", "unsupported")
+            req["decoder"] = decoder
         if image_path is not None:
             req["image"] = str(image_path)
         return view, req

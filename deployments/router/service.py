@@ -77,7 +77,9 @@ class Service:
                          "default_size": format_size(cfg.target_height, cfg.target_width),
                          "default_num_frames": cfg.target_video_length, "fps": cfg.fps, "steps": cfg.steps,
                          "replicas": len(self.dispatchers[name].replicas), "queued": queued[name],
-                         "attention": cfg.kernel_names, "runtime": replica_runtimes(self.dispatchers[name])})
+                         "attention": cfg.kernel_names, "runtime": replica_runtimes(self.dispatchers[name]),
+                         "decoders": ["full", "tiny"] if cfg.tae_path else ["full"],
+                         "decoder": "tiny" if cfg.use_tae else "full"})
         return {"object": "list", "data": data, "loras": sorted(await asyncio.to_thread(self.catalog.loras))}
 
     async def health(self) -> dict:
