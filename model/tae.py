@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, StateDict, check_state_dict, load_state_dict
+from .vae import check_resume
 
 RELEASE_CHANNELS = (256, 128, 64, 64)  # taew2_1's decoder widths (n_f)
 ENCODER_WIDTH = 64
@@ -403,14 +404,7 @@ class TinyStreamDecoder:
         Frames before start_frame count as zeros, a MemBlock's own past at a video's start; after
         history_frames latent frames none of them is left in the state. Only the blocks up to the last
         MemBlock run (the frames are not decoded)."""
-        if tail.dim() != 5 or start_frame < 0:
-            raise ValueError(f"resume: tail must be [B, z, f, h, w] latents and start_frame >= 0; got shape "
-                             f"{tuple(tail.shape)}, start_frame {start_frame}")
-        end = start_frame + tail.shape[2]
-        need = min(self.history_frames, end)
-        if tail.shape[2] < need:
-            raise ValueError(f"resume: the state after latent frame {end - 1} depends on the last {need} latent "
-                             f"frames [{end - need}, {end}); got {tail.shape[2]} (from {start_frame})")
+        end = check_resume(tail, start_frame, self.history_frames)
         z = self.tiny.tae_input(tail)
         dec = self.tiny.tae.decoder
         last_mem = max(i for i, b in enumerate(dec) if isinstance(b, MemBlock))

@@ -290,6 +290,20 @@ def decoder_history(decoder) -> int:
     return deepest + 1
 
 
+def check_resume(tail: torch.Tensor, start_frame: int, history_frames: int) -> int:
+    """A stream decoder's `resume` arguments (tail = latent frames [start_frame, end), at least the last
+    min(history_frames, end) of them); returns end."""
+    if tail.dim() != 5 or start_frame < 0:
+        raise ValueError(f"resume: tail must be [B, z, f, h, w] latents and start_frame >= 0; got shape "
+                         f"{tuple(tail.shape)}, start_frame {start_frame}")
+    end = start_frame + tail.shape[2]
+    need = min(history_frames, end)
+    if tail.shape[2] < need:
+        raise ValueError(f"resume: the state after latent frame {end - 1} depends on the last {need} latent "
+                         f"frames [{end - need}, {end}); got {tail.shape[2]} (from {start_frame})")
+    return end
+
+
 class StreamDecoder:
     """Decodes a latent video chunk by chunk with one causal feature cache, exactly like one whole decode.
 
@@ -351,14 +365,7 @@ class StreamDecoder:
         slots, which zero-pads too but doubles the frame rate (None would decode a first frame). After
         `history_frames` latent frames nothing of those zeros is left in the cache (`decoder_history`).
         """
-        if tail.dim() != 5 or start_frame < 0:
-            raise ValueError(f"resume: tail must be [B, z, f, h, w] latents and start_frame >= 0; got shape "
-                             f"{tuple(tail.shape)}, start_frame {start_frame}")
-        end = start_frame + tail.shape[2]
-        need = min(self.history_frames, end)
-        if tail.shape[2] < need:
-            raise ValueError(f"resume: the state after latent frame {end - 1} depends on the last {need} latent "
-                             f"frames [{end - need}, {end}); got {tail.shape[2]} (from {start_frame})")
+        check_resume(tail, start_frame, self.history_frames)
         self.feat_cache = [None] * len(self.feat_cache)
         for i, up in enumerate(_cache_slots(self.vae.model.decoder)):
             if up and start_frame:

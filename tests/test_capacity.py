@@ -332,15 +332,22 @@ def test_fp8_compute_refused_without_fp8():
         100 * ((10 * 5120 + 9 * 13824) - 32 * 5120)
 
 
-def test_cli_fp8_compute(capsys):
+def capacity_cli():
+    """benchmarks/capacity.py as a module (it is a script, not a package member)."""
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity.py"
     spec = importlib.util.spec_from_file_location("capacity_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_fp8_compute(capsys):
+    import json
+
+    cli = capacity_cli()
     args = ["--model", "14B", "--size", "832x480", "--steps", "4", "--no-cfg", "--sp", "8"]
     assert cli.main(args + ["--fp8-compute"]) == 0  # --dtype defaults to fp8 with --fp8-compute
     out = json.loads(capsys.readouterr().out)
@@ -513,14 +520,9 @@ def test_tiny_decoder_flops():
 
 
 def test_cli_vae_modes(capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity.py"
-    spec = importlib.util.spec_from_file_location("capacity_cli", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = capacity_cli()
     args = ["--model", "14B", "--size", "832x480", "--steps", "4", "--no-cfg", "--sp", "8"]
     runs = {}
     for extra in ([], ["--no-vae-parallel"], ["--decoder", "tiny"]):
