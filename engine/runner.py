@@ -56,8 +56,11 @@ def attach_group(pipe, group: Group) -> tuple[CommStats, TokenLayout]:
         if pipe.vae is None:
             raise ConfigError(f"parallel.vae_parallel: rank {group.rank} has no VAE; load it with "
                               "engine.rank.load_rank_pipeline (it loads the VAE on every rank)")
-        if not isinstance(pipe.vae, SplitVAE):
-            pipe.vae = SplitVAE(pipe.vae, dist.group.WORLD, group.rank, group.world_size)
+        # pg None: the default (world) group of the moment. Holding the ProcessGroup object would keep a group
+        # that a failure tears down alive (gloo would not close its sockets: the survivors would wait for
+        # op_timeout), and a re-joined group is a new one
+        base = pipe.vae.vae if isinstance(pipe.vae, SplitVAE) else pipe.vae
+        pipe.vae = SplitVAE(base, None, group.rank, group.world_size)
     return stats, layout
 
 

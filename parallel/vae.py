@@ -167,7 +167,8 @@ def _swaps(model: nn.Module, band: _Band) -> list[tuple[nn.Module, object]]:
 
 
 class SplitVAE(WanVAE):
-    """A `WanVAE` whose encode / decode run over `pg` (every rank calls them alike; module docstring)."""
+    """A `WanVAE` whose encode / decode run over `pg` (every rank calls them alike; module docstring). pg None:
+    the default group at the time of each call (so no reference keeps a torn-down group alive)."""
 
     def __init__(self, vae: WanVAE, pg, rank: int, size: int):
         self.model, self.mean, self.std = vae.model, vae.mean, vae.std

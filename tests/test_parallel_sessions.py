@@ -89,6 +89,8 @@ def _alive_actor_ids() -> set:
 
 
 def _u8_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest difference in uint8 levels: the DiT's sums under Ulysses are the single process's, but the split VAE
+    (parallel/vae.py, on by default) sums in another order, which may round a pixel the other way."""
     assert a.shape == b.shape
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
@@ -126,11 +128,11 @@ def test_sessions_on_two_groups(groups, reference):
     # a second session in between stays independent
     b = g2.open_session("b", OTHER, seed=4)
     assert b["prompt"] == OTHER
-    assert _u8_diff(g2.next_fragment("b")["frames"], reference["other"]) == 0
+    assert _u8_diff(g2.next_fragment("b")["frames"], reference["other"]) <= 1
 
     second = g2.next_fragment("a")
     video = np.concatenate([result["frames"], second["frames"]])
-    assert _u8_diff(video, reference["video2"]) == 0  # Ulysses keeps every sum as on one process
+    assert _u8_diff(video, reference["video2"]) <= 1
     state = g2.session_state("a")
     assert (state_latents(state) - reference["whole"].latents).abs().max().item() <= TOL
     info = g2.session_info("a")
@@ -150,7 +152,7 @@ def test_sessions_on_two_groups(groups, reference):
         assert now["idle_bytes"] == idle["cache_bytes"]
     assert g2.reload_session("a")["tier"] == "active"
     third = g2.next_fragment("a")
-    assert _u8_diff(third["frames"], reference["video3"][45:]) == 0
+    assert _u8_diff(third["frames"], reference["video3"][45:]) <= 1
     assert (state_latents(g2.session_state("a")) - reference["latents3"]).abs().max().item() <= TOL
 
     # the stored state rebuilds the session in another group (here of another size): same next fragment
