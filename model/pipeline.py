@@ -335,8 +335,10 @@ class WanPipeline:
         return x, nfe
 
     def decoder(self, name: str = "full"):
-        """The module behind a decoder name: the VAE ("full") or the tiny decoder ("tiny")."""
-        self._need_codecs("decode")
+        """The module behind a decoder name: the VAE ("full") or the tiny decoder ("tiny"). A rank > 0 holds a VAE
+        only where the group splits it (parallel/vae.py), and then decodes its band."""
+        if name == "full" and self.vae is None:
+            raise RuntimeError("decode: this pipeline has no VAE (denoise_only=True, and no split VAE)")
         if name == "tiny":
             if self.tiny is None:
                 raise RequestError("decoder = 'tiny': this model has no tiny decoder (its config sets no tae_path)")
@@ -353,8 +355,6 @@ class WanPipeline:
         """(mp4 bytes, (frames, height, width)): each latent frame's pixels go to the encoder as they are decoded,
         so the decode + encode stage holds a few frames, not the video. Every rank of a split VAE calls it
         (parallel/vae.py); the ones that get no pixels return (None, ()). timer gets "mp4": the encoder's share."""
-        if self.vae is None:
-            raise RuntimeError("decode_mp4: this pipeline has no VAE (denoise_only)")
         timer = timer or StageTimer(self.device)
         chunks = stream_chunks(self.decoder(decoder), latents.to(self.device))  # one latent frame at a time
         chunks = (c[0] if c is not None else None for c in chunks)

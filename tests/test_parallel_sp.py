@@ -118,6 +118,11 @@ def sp2_worker(rank, world_size, addr, port, model_root, i2v_root):
         out["cancelled"] = str(e)
     res = runner.generate(Request(PROMPT) if rank == 0 else None)
     out["after"] = None if res is None else res.latents
+    # the served path: every rank decodes its band, rank 0 feeds the mp4 encoder as the frames come
+    from model.video import encode_mp4
+    streamed = runner.generate(Request(PROMPT) if rank == 0 else None, mp4=True)
+    out["mp4"] = None if streamed is None else (streamed.mp4, streamed.size, streamed.video)
+    out["mp4_ref"] = None if res is None else encode_mp4([res.video], pipe.cfg.fps)[0]
     out["modules"] = {m: m in sys.modules for m in ("xfuser", "yunchang", "flash_attn")}
     out["broken"] = group.broken
     group.close()
@@ -235,6 +240,14 @@ def test_split_vae_decodes_and_encodes_over_both_ranks(ranks, serial, i2v_root):
     assert got["video"].shape == ref.video.shape == (3, 9, 48, 48)
     assert (got["latents"] - ref.latents).abs().max().item() <= 1e-4
     assert (got["video"] - ref.video).abs().max().item() <= 1e-4
+
+
+def test_split_decode_streams_the_mp4_on_rank0(ranks):
+    """mp4=True (what a served job asks for) under the split VAE: the same file as the split whole decode then
+    encoded, rank 0 only, no video tensor."""
+    data, size, video = ranks[0]["mp4"]
+    assert ranks[1]["mp4"] is None and video is None and size == (9, 48, 48)
+    assert data == ranks[0]["mp4_ref"]
 
 
 def test_fsdp_generation_equals_sp1_and_shards_the_weights(ranks, serial):
